@@ -1,0 +1,91 @@
+// Package null is the null-co driver: a device that reads zeroes (or
+// leaves buffers untouched) and discards writes, for benchmarks.
+package null
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"blockd/graph"
+)
+
+// Options is BlockdevOptionsNull.
+type Options struct {
+	Size       *int64 `json:"size,omitempty"`
+	LatencyNS  *int64 `json:"latency-ns,omitempty"`
+	ReadZeroes *bool  `json:"read-zeroes,omitempty"`
+}
+
+// Driver returns the null-co driver.
+func Driver() *graph.Driver {
+	return &graph.Driver{Name: "null-co", Options: func() any { return new(Options) }, Open: open, Protocol: true}
+}
+
+type node struct {
+	size       int64
+	latency    time.Duration
+	readZeroes bool
+}
+
+func open(_ context.Context, _ *graph.Opener, v any) (graph.Node, error) {
+	o := v.(*Options)
+	n := &node{size: 1 << 30}
+	if o.Size != nil {
+		n.size = *o.Size
+	}
+	if o.LatencyNS != nil {
+		if *o.LatencyNS < 0 {
+			return nil, errors.New("latency-ns is invalid")
+		}
+		n.latency = time.Duration(*o.LatencyNS)
+	}
+	if o.ReadZeroes != nil {
+		n.readZeroes = *o.ReadZeroes
+	}
+	return n, nil
+}
+
+func (n *node) wait(ctx context.Context) error {
+	if n.latency == 0 {
+		return nil
+	}
+	t := time.NewTimer(n.latency)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (n *node) ReadAt(ctx context.Context, p []byte, _ int64) error {
+	if n.readZeroes {
+		clear(p)
+	}
+	return n.wait(ctx)
+}
+
+func (n *node) WriteAt(ctx context.Context, _ []byte, _ int64, _ graph.ReqFlags) error {
+	return n.wait(ctx)
+}
+
+func (n *node) WriteZeroes(ctx context.Context, _, _ int64, _ graph.ReqFlags) error {
+	return n.wait(ctx)
+}
+
+func (n *node) BlockStatus(_ context.Context, _, l int64) ([]graph.Extent, error) {
+	if n.readZeroes {
+		return []graph.Extent{{Length: l, Flags: graph.ExtentZero}}, nil
+	}
+	return []graph.Extent{{Length: l}}, nil
+}
+
+func (n *node) Size() int64                 { return n.size }
+func (n *node) Flush(context.Context) error { return nil }
+func (n *node) Close() error                { return nil }
+
+func (n *node) Info() graph.ImageInfo {
+	return graph.ImageInfo{Filename: "null-co://", ActualSize: 0}
+}

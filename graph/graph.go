@@ -1,0 +1,643 @@
+package graph
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"sync"
+)
+
+// Role describes what a child edge carries (QEMU's BdrvChildRole).
+type Role uint32
+
+const (
+	RoleData Role = 1 << iota
+	RoleMetadata
+	RoleFiltered
+	RoleCOW
+	RolePrimary
+)
+
+// Perm is a set of permissions a user holds on a node (QEMU's BLK_PERM_*).
+// The bit numbers are those QEMU uses for its image lock bytes.
+type Perm uint32
+
+const (
+	PermRead Perm = 1 << iota // consistent read
+	PermWrite
+	PermWriteUnchanged
+	PermResize
+	PermAll = PermRead | PermWrite | PermWriteUnchanged | PermResize
+)
+
+var permNames = []string{"consistent read", "write", "write unchanged", "resize"}
+
+func (p Perm) String() string {
+	var s []string
+	for i, n := range permNames {
+		if p&(1<<i) != 0 {
+			s = append(s, n)
+		}
+	}
+	return strings.Join(s, ", ")
+}
+
+// PermSetter is implemented by nodes that act on the permissions their users
+// hold, e.g. the file driver's image locks. SetPerm is called with the union
+// of the permissions held and the intersection of those shared whenever they
+// change; an error vetoes the change.
+type PermSetter interface {
+	SetPerm(perm, shared Perm) error
+}
+
+// SecretStore is how drivers read secrets (key-secret).
+type SecretStore interface {
+	Get(id string) ([]byte, error)
+}
+
+// Graph owns the nodes, their names and edges.
+type Graph struct {
+	// mu protects the node table, the edges and the permission state of
+	// every node. It is held while opening and closing nodes (graph
+	// changes are serialised), never on the I/O path.
+	mu      sync.Mutex
+	drivers map[string]*Driver
+	nodes   []*BDS // in creation order
+	byName  map[string]*BDS
+	autoID  uint64
+	Secrets SecretStore
+}
+
+// New returns an empty graph with the given drivers.
+func New(secrets SecretStore, drivers ...*Driver) *Graph {
+	g := &Graph{drivers: map[string]*Driver{}, byName: map[string]*BDS{}, Secrets: secrets}
+	for _, d := range drivers {
+		g.Register(d)
+	}
+	return g
+}
+
+// Register adds a driver.
+func (g *Graph) Register(d *Driver) { g.drivers[d.Name] = d }
+
+func (g *Graph) driver(name string) *Driver { return g.drivers[name] }
+
+// Driver returns the registered driver with the given name, or nil.
+func (g *Graph) Driver(name string) *Driver { return g.drivers[name] }
+
+// DriverNames lists the registered drivers.
+func (g *Graph) DriverNames() []string {
+	var out []string
+	for n := range g.drivers {
+		out = append(out, n)
+	}
+	return out
+}
+
+// ValidNodeName reports whether s follows QEMU's node-name rules.
+func ValidNodeName(s string) bool {
+	if s == "" || len(s) > 31 {
+		return false
+	}
+	c := s[0]
+	if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z') {
+		return false
+	}
+	for i := 1; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '.' || c == '_') {
+			return false
+		}
+	}
+	return true
+}
+
+func checkNodeName(s string) error {
+	if s == "" {
+		return errors.New("Node name cannot be empty")
+	}
+	c := s[0]
+	if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z') || !ValidNodeName(s[:min(len(s), 31)]) {
+		return fmt.Errorf("Invalid node-name: '%s'", s)
+	}
+	if len(s) > 31 {
+		return errors.New("Node name too long")
+	}
+	return nil
+}
+
+// Lookup returns the node with the given name, or nil.
+func (g *Graph) Lookup(name string) *BDS {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.byName[name]
+}
+
+// Nodes returns all nodes, newest first (the order of QEMU's queries).
+func (g *Graph) Nodes() []*BDS {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	out := make([]*BDS, len(g.nodes))
+	for i, b := range g.nodes {
+		out[len(g.nodes)-1-i] = b
+	}
+	return out
+}
+
+// Add implements blockdev-add: v is a BlockdevOptions tree. The new node and
+// its inline children are owned by the monitor until Del.
+func (g *Graph) Add(ctx context.Context, v any, keyval bool) (*BDS, error) {
+	o, err := g.DecodeOptions(v, keyval)
+	if err != nil {
+		return nil, err
+	}
+	if o.NodeName == "" {
+		return nil, errors.New("'node-name' must be specified for the root node")
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	b, err := g.open(ctx, o, false)
+	if err != nil {
+		return nil, err
+	}
+	b.monitorOwned = true
+	b.refs++
+	return b, nil
+}
+
+// open opens a node from decoded options. g.mu is held.
+func (g *Graph) open(ctx context.Context, o *Opts, parentRO bool) (*BDS, error) {
+	name := o.NodeName
+	auto := false
+	if name == "" {
+		name = fmt.Sprintf("#block%d%02d", g.autoID, rand.IntN(100))
+		g.autoID++
+		auto = true
+	} else {
+		if err := checkNodeName(name); err != nil {
+			return nil, err
+		}
+		if g.byName[name] != nil {
+			return nil, fmt.Errorf("Duplicate nodes with node-name='%s'", name)
+		}
+	}
+	ro := parentRO
+	if o.ReadOnly != nil {
+		ro = *o.ReadOnly
+	}
+	if o.ForceShare != nil && *o.ForceShare && !ro {
+		return nil, errors.New("force-share=on can only be used with read-only images")
+	}
+	b := &BDS{g: g, name: name, auto: auto, opts: o, readOnly: ro, shared: PermAll}
+	op := &Opener{g: g, b: b}
+	// Register the name before opening so that children opened inline see
+	// it taken; roll back on failure.
+	g.byName[name] = b
+	n, err := o.Driver.Open(ctx, op, o.Extra)
+	if err != nil {
+		delete(g.byName, name)
+		for _, c := range b.children {
+			g.detach(c)
+		}
+		return nil, err
+	}
+	b.node = n
+	if l, ok := n.(Limiter); ok {
+		b.limits = l.Limits()
+	}
+	if b.limits.Align < 1 {
+		b.limits.Align = 1
+	}
+	g.nodes = append(g.nodes, b)
+	// Apply the permissions the node's children took during Open now that
+	// the node exists (they were checked when attached).
+	return b, nil
+}
+
+// Del implements blockdev-del.
+func (g *Graph) Del(name string) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	b := g.byName[name]
+	if b == nil {
+		return fmt.Errorf("Failed to find node with node-name='%s'", name)
+	}
+	if b.users > 0 {
+		return fmt.Errorf("Node %s is in use", name)
+	}
+	if !b.monitorOwned {
+		return fmt.Errorf("Node %s is not owned by the monitor", name)
+	}
+	if len(b.parents) > 0 {
+		return fmt.Errorf("Block device %s is in use", name)
+	}
+	b.monitorOwned = false
+	g.unref(b)
+	return nil
+}
+
+// unref drops a reference; at zero the node closes and releases its
+// children. g.mu is held.
+func (g *Graph) unref(b *BDS) {
+	b.refs--
+	if b.refs > 0 {
+		return
+	}
+	g.closeNode(b)
+}
+
+func (g *Graph) closeNode(b *BDS) {
+	if b.node != nil {
+		_ = b.node.Flush(context.Background())
+		_ = b.node.Close()
+	}
+	delete(g.byName, b.name)
+	for i, x := range g.nodes {
+		if x == b {
+			g.nodes = append(g.nodes[:i], g.nodes[i+1:]...)
+			break
+		}
+	}
+	b.closed = true
+	children := b.children
+	b.children = nil
+	for _, c := range children {
+		g.detach(c)
+	}
+}
+
+// Close closes every node (daemon shutdown).
+func (g *Graph) Close() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for len(g.nodes) > 0 {
+		// Close roots first: nodes without parents.
+		progressed := false
+		for i := len(g.nodes) - 1; i >= 0; i-- {
+			b := g.nodes[i]
+			if len(b.parents) == 0 {
+				b.users = 0
+				for _, c := range b.backends {
+					c.detached = true
+				}
+				b.backends = nil
+				g.closeNode(b)
+				progressed = true
+				break
+			}
+		}
+		if !progressed {
+			g.closeNode(g.nodes[len(g.nodes)-1])
+		}
+	}
+}
+
+// BDS is a node in the graph: the driver's Node plus what the graph keeps
+// about it (name, options, edges, permissions).
+type BDS struct {
+	g        *Graph
+	name     string
+	auto     bool
+	opts     *Opts
+	node     Node
+	limits   Limits
+	readOnly bool
+
+	// The following are protected by g.mu.
+	children     []*Child
+	parents      []*Child // edges from parent nodes
+	backends     []*Child // edges from users outside the graph (exports)
+	users        int
+	refs         int // parents + backends + monitor ownership
+	monitorOwned bool
+	perm, shared Perm // cumulative permissions applied to the node
+	closed       bool
+
+	// rmw serialises read-modify-write cycles against aligned writes on
+	// nodes with an alignment above 1: aligned writes hold it shared,
+	// unaligned ones exclusively.
+	rmw sync.RWMutex
+}
+
+// Name returns the node name.
+func (b *BDS) Name() string { return b.name }
+
+// AutoNamed reports whether the name was generated (#blockNNN).
+func (b *BDS) AutoNamed() bool { return b.auto }
+
+// Node returns the driver's node.
+func (b *BDS) Node() Node { return b.node }
+
+// Driver returns the node's driver.
+func (b *BDS) Driver() *Driver { return b.opts.Driver }
+
+// Options returns the decoded options the node was opened with.
+func (b *BDS) Options() *Opts { return b.opts }
+
+// ReadOnly reports whether the node was opened read-only.
+func (b *BDS) ReadOnly() bool { return b.readOnly }
+
+// Limits returns the node's limits.
+func (b *BDS) Limits() Limits { return b.limits }
+
+// Children returns the node's child edges.
+func (b *BDS) Children() []*Child {
+	b.g.mu.Lock()
+	defer b.g.mu.Unlock()
+	return append([]*Child(nil), b.children...)
+}
+
+// Opener is what a driver's Open gets to open its children and read
+// secrets.
+type Opener struct {
+	g *Graph
+	b *BDS
+}
+
+// NodeName returns the name of the node being opened.
+func (o *Opener) NodeName() string { return o.b.name }
+
+// Common returns the node's common options.
+func (o *Opener) Common() *Common { return &o.b.opts.Common }
+
+// ReadOnly reports whether the node is being opened read-only.
+func (o *Opener) ReadOnly() bool { return o.b.readOnly }
+
+// Secret returns a copy of a secret's bytes; the caller wipes it.
+func (o *Opener) Secret(id string) ([]byte, error) {
+	if o.g.Secrets == nil {
+		return nil, fmt.Errorf("No secret with id '%s'", id)
+	}
+	return o.g.Secrets.Get(id)
+}
+
+// ChildSpec says how a parent uses a child edge. The permissions the parent
+// takes are derived from the role and from what the parent's own users hold,
+// the way QEMU's bdrv_default_perms does.
+type ChildSpec struct {
+	Role Role
+	// OnlyWhenNeeded drops write and resize from the edge unless the
+	// parent's users need them (QEMU's raw driver does this).
+	OnlyWhenNeeded bool
+	// ExtraPerm is taken on top of the derived permissions.
+	ExtraPerm Perm
+}
+
+// childPerm computes an edge's permissions from the parent's cumulative
+// permissions, following QEMU's bdrv_default_perms.
+func childPerm(spec ChildSpec, writable bool, perm, shared Perm) (Perm, Perm) {
+	role := spec.Role
+	switch {
+	case role&RoleCOW != 0:
+		perm &= PermRead
+		if shared&PermWrite != 0 {
+			shared = PermWrite | PermResize
+		} else {
+			shared = 0
+		}
+		shared |= PermRead | PermWriteUnchanged
+	case role&(RoleMetadata|RoleData) != 0:
+		if role&RoleMetadata != 0 {
+			if writable {
+				perm |= PermWrite | PermResize
+			}
+			perm |= PermRead
+			shared &^= PermWrite | PermResize
+		}
+		if role&RoleData != 0 {
+			shared &^= PermResize
+			if perm&PermWriteUnchanged != 0 {
+				perm |= PermWrite
+			}
+			if perm&PermWrite != 0 {
+				perm |= PermResize
+			}
+		}
+		shared |= PermWriteUnchanged
+	}
+	if spec.OnlyWhenNeeded {
+		parent := perm
+		perm &^= PermWrite | PermResize
+		perm |= parent & (PermWrite | PermResize)
+	}
+	perm |= spec.ExtraPerm
+	if !writable {
+		perm &^= PermWrite | PermResize
+	}
+	return perm, shared
+}
+
+// Child opens or references the child named name ("file", "header",
+// "backing"...) described by ref. A nil ref (or one with neither name nor
+// inline options) returns nil, nil: the caller decides whether that is an
+// error.
+func (o *Opener) Child(ctx context.Context, name string, ref *Ref, spec ChildSpec) (*Child, error) {
+	if ref == nil || (ref.Name == "" && ref.Inline == nil) {
+		return nil, nil
+	}
+	g := o.g
+	var cb *BDS
+	if ref.Inline != nil {
+		nb, err := g.open(ctx, ref.Inline, o.b.readOnly)
+		if err != nil {
+			return nil, err
+		}
+		cb = nb
+	} else {
+		cb = g.byName[ref.Name]
+		if cb == nil || cb == o.b {
+			return nil, fmt.Errorf("Cannot find device='%s' nor node-name='%s'", ref.Name, ref.Name)
+		}
+	}
+	c := &Child{name: name, role: spec.Role, parent: o.b, node: cb, spec: spec}
+	if err := g.attach(c); err != nil {
+		if cb.refs == 0 {
+			g.closeNode(cb)
+		}
+		return nil, err
+	}
+	o.b.children = append(o.b.children, c)
+	return c, nil
+}
+
+// NewBackend attaches a user from outside the graph (an export, a job, a
+// tool) to the named node with the given permissions. Release it with
+// ReleaseBackend.
+func (g *Graph) NewBackend(nodeName, user string, perm, shared Perm) (*Child, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	b := g.byName[nodeName]
+	if b == nil {
+		return nil, fmt.Errorf("Cannot find device='%s' nor node-name='%s'", nodeName, nodeName)
+	}
+	c := &Child{name: "root", user: user, node: b, fixedPerm: perm, fixedShared: shared}
+	if err := g.attach(c); err != nil {
+		return nil, err
+	}
+	b.users++
+	return c, nil
+}
+
+// ReleaseBackend detaches a backend from its node.
+func (g *Graph) ReleaseBackend(c *Child) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if c.detached {
+		return
+	}
+	c.node.users--
+	g.detach(c)
+}
+
+// attach adds edge c to c.node's users, checking and applying permissions.
+// g.mu is held.
+func (g *Graph) attach(c *Child) error {
+	b := c.node
+	c.perm, c.shared = c.effective()
+	if c.perm&(PermWrite|PermResize) != 0 && b.readOnly {
+		return fmt.Errorf("Block node is read-only")
+	}
+	if c.parent != nil {
+		b.parents = append(b.parents, c)
+	} else {
+		b.backends = append(b.backends, c)
+	}
+	if err := g.refresh(b); err != nil {
+		g.removeEdge(c)
+		_ = g.refresh(b)
+		return err
+	}
+	b.refs++
+	return nil
+}
+
+// detach removes edge c and drops the reference it held. g.mu is held.
+func (g *Graph) detach(c *Child) {
+	if c.detached {
+		return
+	}
+	c.detached = true
+	g.removeEdge(c)
+	_ = g.refresh(c.node)
+	g.unref(c.node)
+}
+
+func (g *Graph) removeEdge(c *Child) {
+	b := c.node
+	list := &b.parents
+	if c.parent == nil {
+		list = &b.backends
+	}
+	for i, x := range *list {
+		if x == c {
+			*list = append((*list)[:i], (*list)[i+1:]...)
+			break
+		}
+	}
+}
+
+func (b *BDS) edges() []*Child {
+	return append(append([]*Child(nil), b.parents...), b.backends...)
+}
+
+// refresh recomputes the cumulative permissions of b from its edges, checks
+// them for conflicts, applies them (image locks) and propagates them through
+// passthrough children. On error nothing is changed. g.mu is held.
+func (g *Graph) refresh(b *BDS) error {
+	edges := b.edges()
+	for _, a := range edges {
+		for _, x := range edges {
+			if a == x {
+				continue
+			}
+			if bad := a.perm &^ x.shared; bad != 0 {
+				return fmt.Errorf("Permission conflict on node '%s': permissions '%s' are both required by %s and unshared by %s", b.name, bad, a.desc(), x.desc())
+			}
+		}
+	}
+	perm, shared := Perm(0), PermAll
+	for _, e := range edges {
+		perm |= e.perm
+		shared &= e.shared
+	}
+	if b.opts != nil && b.opts.ForceShare != nil && *b.opts.ForceShare {
+		shared = PermAll
+	}
+	if perm == b.perm && shared == b.shared {
+		return nil
+	}
+	if ps, ok := b.node.(PermSetter); ok && b.node != nil {
+		if err := ps.SetPerm(perm, shared); err != nil {
+			return err
+		}
+	}
+	oldPerm, oldShared := b.perm, b.shared
+	b.perm, b.shared = perm, shared
+	for _, c := range b.children {
+		op, os := c.perm, c.shared
+		c.perm, c.shared = c.effective()
+		if c.perm&(PermWrite|PermResize) != 0 && c.node.readOnly {
+			c.perm, c.shared = op, os
+			b.perm, b.shared = oldPerm, oldShared
+			if ps, ok := b.node.(PermSetter); ok {
+				_ = ps.SetPerm(oldPerm, oldShared)
+			}
+			return fmt.Errorf("Block node is read-only")
+		}
+		if err := g.refresh(c.node); err != nil {
+			c.perm, c.shared = op, os
+			b.perm, b.shared = oldPerm, oldShared
+			if ps, ok := b.node.(PermSetter); ok {
+				_ = ps.SetPerm(oldPerm, oldShared)
+			}
+			return err
+		}
+	}
+	return nil
+}
+
+// Child is an edge from a parent node (or an outside user) to a node. All
+// I/O through a Child passes the graph's validation layer: range checks,
+// permission checks and alignment.
+type Child struct {
+	name   string
+	user   string // backend user description
+	role   Role
+	parent *BDS
+	node   *BDS
+
+	spec ChildSpec
+
+	// protected by g.mu
+	fixedPerm, fixedShared Perm // backends only
+	perm, shared           Perm
+	detached               bool
+}
+
+func (c *Child) effective() (Perm, Perm) {
+	if c.parent != nil {
+		return childPerm(c.spec, !c.parent.readOnly, c.parent.perm, c.parent.shared)
+	}
+	return c.fixedPerm, c.fixedShared
+}
+
+func (c *Child) desc() string {
+	if c.parent != nil {
+		return fmt.Sprintf("node '%s' (uses node '%s' as '%s' child)", c.parent.name, c.node.name, c.name)
+	}
+	if c.user != "" {
+		return c.user
+	}
+	return "a block device"
+}
+
+// Name returns the child's role name ("file", "header"...).
+func (c *Child) Name() string { return c.name }
+
+// BDS returns the node the edge points to.
+func (c *Child) BDS() *BDS { return c.node }
+
+// Role returns the edge's role.
+func (c *Child) Role() Role { return c.role }

@@ -1,0 +1,225 @@
+package graph
+
+import (
+	"blockd/internal/qapi"
+)
+
+// BlockdevCacheInfo is QEMU's cache member of BlockDeviceInfo.
+type BlockdevCacheInfo struct {
+	Writeback bool `json:"writeback"`
+	Direct    bool `json:"direct"`
+	NoFlush   bool `json:"no-flush"`
+}
+
+// ImageInfoQAPI is QEMU 7.2's ImageInfo, members in QAPI order.
+type ImageInfoQAPI struct {
+	Filename              string         `json:"filename"`
+	Format                string         `json:"format"`
+	DirtyFlag             *bool          `json:"dirty-flag,omitempty"`
+	ActualSize            *int64         `json:"actual-size,omitempty"`
+	VirtualSize           int64          `json:"virtual-size"`
+	ClusterSize           int64          `json:"cluster-size,omitempty"`
+	Encrypted             bool           `json:"encrypted,omitempty"`
+	BackingFilename       string         `json:"backing-filename,omitempty"`
+	FullBackingFilename   string         `json:"full-backing-filename,omitempty"`
+	BackingFilenameFormat string         `json:"backing-filename-format,omitempty"`
+	BackingImage          *ImageInfoQAPI `json:"backing-image,omitempty"`
+	FormatSpecific        any            `json:"format-specific,omitempty"`
+}
+
+// BlockDeviceInfo is QEMU 7.2's BlockDeviceInfo, members in QAPI order.
+type BlockDeviceInfo struct {
+	File             string            `json:"file"`
+	NodeName         string            `json:"node-name"`
+	RO               bool              `json:"ro"`
+	Drv              string            `json:"drv"`
+	BackingFile      string            `json:"backing_file,omitempty"`
+	BackingFileDepth int64             `json:"backing_file_depth"`
+	Encrypted        bool              `json:"encrypted"`
+	DetectZeroes     string            `json:"detect_zeroes"`
+	Bps              int64             `json:"bps"`
+	BpsRd            int64             `json:"bps_rd"`
+	BpsWr            int64             `json:"bps_wr"`
+	Iops             int64             `json:"iops"`
+	IopsRd           int64             `json:"iops_rd"`
+	IopsWr           int64             `json:"iops_wr"`
+	Image            *ImageInfoQAPI    `json:"image"`
+	Cache            BlockdevCacheInfo `json:"cache"`
+	WriteThreshold   int64             `json:"write_threshold"`
+}
+
+// StrongOptioner is implemented by nodes whose options change what the
+// node's data is (QEMU's strong runtime options): raw's offset and size,
+// luks' key-secret. They appear in json: filenames.
+type StrongOptioner interface {
+	StrongOptions() qapi.Object
+}
+
+func (b *BDS) info() ImageInfo {
+	if in, ok := b.node.(Infoer); ok {
+		return in.Info()
+	}
+	return ImageInfo{ActualSize: -1}
+}
+
+// primary returns the node's primary child (file, or a filter's child).
+func (b *BDS) primary() *Child {
+	for _, c := range b.children {
+		if c.role&(RolePrimary|RoleFiltered) != 0 {
+			return c
+		}
+	}
+	for _, c := range b.children {
+		if c.name == "file" {
+			return c
+		}
+	}
+	return nil
+}
+
+// exactFilename is the plain filename that fully describes the node, or ""
+// when only a json: description will do (QEMU's bdrv_refresh_filename).
+func (b *BDS) exactFilename() string {
+	if f := b.info().Filename; f != "" {
+		return f
+	}
+	if b.opts.Driver.Protocol {
+		return ""
+	}
+	if so, ok := b.node.(StrongOptioner); ok && len(so.StrongOptions()) > 0 {
+		return ""
+	}
+	p := b.primary()
+	if p == nil {
+		return ""
+	}
+	for _, c := range b.children {
+		if c != p && c.role&RoleCOW == 0 {
+			return ""
+		}
+	}
+	return p.node.exactFilename()
+}
+
+// fullOptions is the QEMU "full open options" of a node, used in json:
+// filenames.
+func (b *BDS) fullOptions() qapi.Object {
+	o := qapi.Object{{Name: "driver", Value: b.opts.Driver.Name}}
+	if so, ok := b.node.(StrongOptioner); ok {
+		o = append(o, so.StrongOptions()...)
+	}
+	if b.opts.Driver.Protocol {
+		if f := b.info().Filename; f != "" {
+			o = append(o, qapi.Member{Name: "filename", Value: f})
+		}
+	}
+	for _, c := range b.children {
+		if c.role&RoleCOW != 0 {
+			continue
+		}
+		o = append(o, qapi.Member{Name: c.name, Value: c.node.fullOptions()})
+	}
+	return o
+}
+
+// Filename is the node's filename as QEMU reports it: a plain name when one
+// describes the node, else json:{...}.
+func (b *BDS) Filename() string {
+	if f := b.exactFilename(); f != "" {
+		return f
+	}
+	return "json:" + string(qapi.Marshal(b.fullOptions()))
+}
+
+func (b *BDS) actualSize() *int64 {
+	in := b.info()
+	if in.ActualSize >= 0 && (in.Filename != "" || b.opts.Driver.Protocol) {
+		v := in.ActualSize
+		return &v
+	}
+	if p := b.primary(); p != nil {
+		return p.node.actualSize()
+	}
+	if in.ActualSize >= 0 {
+		v := in.ActualSize
+		return &v
+	}
+	return nil
+}
+
+func (b *BDS) backing() *BDS {
+	for _, c := range b.children {
+		if c.role&RoleCOW != 0 {
+			return c.node
+		}
+	}
+	return nil
+}
+
+// ImageInfo builds the "image" member; with chain it nests backing images.
+func (b *BDS) ImageInfo(chain bool) *ImageInfoQAPI {
+	in := b.info()
+	format := b.opts.Driver.Name
+	ii := &ImageInfoQAPI{
+		Filename:              b.Filename(),
+		Format:                format,
+		DirtyFlag:             in.DirtyFlag,
+		ActualSize:            b.actualSize(),
+		VirtualSize:           b.node.Size(),
+		ClusterSize:           in.ClusterSize,
+		Encrypted:             in.Encrypted,
+		BackingFilename:       in.BackingFilename,
+		FullBackingFilename:   in.FullBackingFilename,
+		BackingFilenameFormat: in.BackingFilenameFormat,
+		FormatSpecific:        in.FormatSpecific,
+	}
+	if chain {
+		if bk := b.backing(); bk != nil {
+			ii.BackingImage = bk.ImageInfo(true)
+		}
+	}
+	return ii
+}
+
+// DeviceInfo builds the node's query-named-block-nodes entry.
+func (b *BDS) DeviceInfo(flat bool) BlockDeviceInfo {
+	b.g.mu.Lock()
+	defer b.g.mu.Unlock()
+	in := b.info()
+	dz := string(b.opts.DetectZeroes)
+	if dz == "" {
+		dz = "off"
+	}
+	di := BlockDeviceInfo{
+		File:         b.Filename(),
+		NodeName:     b.name,
+		RO:           b.readOnly,
+		Drv:          b.opts.Driver.Name,
+		Encrypted:    in.Encrypted,
+		DetectZeroes: dz,
+		Image:        b.ImageInfo(!flat),
+		Cache:        BlockdevCacheInfo{Writeback: true, Direct: b.opts.Direct(), NoFlush: b.opts.NoFlush()},
+	}
+	if bk := b.backing(); bk != nil {
+		di.BackingFile = in.BackingFilename
+		if di.BackingFile == "" {
+			di.BackingFile = bk.Filename()
+		}
+		if !flat {
+			for x := bk; x != nil; x = x.backing() {
+				di.BackingFileDepth++
+			}
+		}
+	}
+	return di
+}
+
+// QueryNamedBlockNodes implements query-named-block-nodes.
+func (g *Graph) QueryNamedBlockNodes(flat bool) []BlockDeviceInfo {
+	nodes := g.Nodes()
+	out := make([]BlockDeviceInfo, 0, len(nodes))
+	for _, b := range nodes {
+		out = append(out, b.DeviceInfo(flat))
+	}
+	return out
+}
