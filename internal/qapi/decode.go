@@ -478,3 +478,13 @@ func ParseSize(s string) (uint64, error) {
 	}
 	return n * mult, nil
 }
+
+// Opaque captures a member's value undecoded (for alternates and unions a
+// handler decodes itself after the rest of the arguments).
+type Opaque struct{ V any }
+
+// UnmarshalQAPI implements Unmarshaler.
+func (o *Opaque) UnmarshalQAPI(_ *Decoder, v any, _ string) error {
+	o.V = v
+	return nil
+}

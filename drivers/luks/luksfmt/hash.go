@@ -1,0 +1,133 @@
+package luksfmt
+
+import (
+	"crypto/sha1" //nolint:gosec // LUKS1 headers use sha1 for digests and the AF splitter
+	"crypto/sha256"
+	"crypto/sha512"
+	"encoding"
+	"encoding/binary"
+	"fmt"
+	"hash"
+	"strings"
+)
+
+// hashAlgs are the hashes usable for PBKDF2, the AF splitter and LUKS2 header
+// checksums. cryptsetup also knows ripemd160, whirlpool and others; headers
+// naming them are refused with ErrUnsupported.
+var hashAlgs = map[string]func() hash.Hash{
+	"sha1":   sha1.New,
+	"sha224": sha256.New224,
+	"sha256": sha256.New,
+	"sha384": sha512.New384,
+	"sha512": sha512.New,
+}
+
+// lookupHash returns the constructor for a LUKS hash spec (case-insensitive,
+// as cryptsetup's crypto backends are).
+func lookupHash(name string) (func() hash.Hash, error) {
+	if h, ok := hashAlgs[strings.ToLower(name)]; ok {
+		return h, nil
+	}
+	return nil, fmt.Errorf("%w: hash %q", ErrUnsupported, name)
+}
+
+// pbkdf2Key is PBKDF2 (RFC 8018) with HMAC over newHash. Unlike
+// golang.org/x/crypto/pbkdf2, which copies the password into an immutable
+// string, it keeps every password-derived buffer in byte slices and clears
+// them (and resets the hash states) before returning, so only the returned
+// key holds secret material. HMAC's inner and outer states are precomputed
+// once and restored per iteration, two compressions per iteration like
+// crypto/hmac. iter and keyLen must be positive.
+func pbkdf2Key(newHash func() hash.Hash, password, salt []byte, iter, keyLen int) []byte {
+	inner, outer := newHash(), newHash()
+	bs, hs := inner.BlockSize(), inner.Size()
+
+	pad := make([]byte, bs)
+	defer clear(pad)
+	if len(password) > bs {
+		inner.Write(password)
+		k := inner.Sum(nil)
+		copy(pad, k)
+		clear(k)
+		inner.Reset()
+	} else {
+		copy(pad, password)
+	}
+	key := append([]byte(nil), pad...) // zero-padded HMAC key
+	defer clear(key)
+
+	for i := range pad {
+		pad[i] = key[i] ^ 0x36
+	}
+	inner.Write(pad)
+	for i := range pad {
+		pad[i] = key[i] ^ 0x5c
+	}
+	outer.Write(pad)
+
+	im, iok := inner.(encoding.BinaryMarshaler)
+	om, ook := outer.(encoding.BinaryMarshaler)
+	iu, iuok := inner.(encoding.BinaryUnmarshaler)
+	ou, ouok := outer.(encoding.BinaryUnmarshaler)
+	var innerState, outerState []byte
+	if iok && ook && iuok && ouok {
+		var err1, err2 error
+		innerState, err1 = im.MarshalBinary()
+		outerState, err2 = om.MarshalBinary()
+		if err1 != nil || err2 != nil {
+			innerState, outerState = nil, nil
+		}
+	}
+	defer func() {
+		clear(innerState)
+		clear(outerState)
+		inner.Reset()
+		outer.Reset()
+	}()
+
+	// prf computes HMAC(key, msg) into dst (len hs).
+	prf := func(dst []byte, msg ...[]byte) {
+		if innerState != nil {
+			_ = iu.UnmarshalBinary(innerState)
+			_ = ou.UnmarshalBinary(outerState)
+		} else {
+			inner.Reset()
+			outer.Reset()
+			for i := range pad {
+				pad[i] = key[i] ^ 0x36
+			}
+			inner.Write(pad)
+			for i := range pad {
+				pad[i] = key[i] ^ 0x5c
+			}
+			outer.Write(pad)
+		}
+		for _, m := range msg {
+			inner.Write(m)
+		}
+		s := inner.Sum(dst[:0])
+		outer.Write(s)
+		outer.Sum(dst[:0])
+	}
+
+	out := make([]byte, 0, (keyLen+hs-1)/hs*hs)
+	u := make([]byte, hs)
+	t := make([]byte, hs)
+	defer clear(u)
+	defer clear(t)
+	var ctr [4]byte
+	for block := uint32(1); len(out) < keyLen; block++ {
+		binary.BigEndian.PutUint32(ctr[:], block)
+		prf(u, salt, ctr[:])
+		copy(t, u)
+		for n := 1; n < iter; n++ {
+			prf(u, u)
+			for i := range t {
+				t[i] ^= u[i]
+			}
+		}
+		out = append(out, t...)
+	}
+	clear(out[keyLen:cap(out)])
+	return out[:keyLen:keyLen]
+}

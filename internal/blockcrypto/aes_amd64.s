@@ -1,0 +1,751 @@
+//go:build amd64 && !purego
+
+#include "textflag.h"
+
+// AES kernels for XTS and CBC sector encryption.
+//
+// Two families:
+//   - *AESNI: legacy-SSE AES-NI, 8 blocks in flight in X0-X7. Needs only
+//     AES-NI and SSE2.
+//   - *VAES:  VEX-encoded VAES on ymm registers, 16 blocks in flight in
+//     Y0-Y7 (two blocks per register). Needs AVX2, VAES and VPCLMULQDQ.
+//
+// Common register conventions:
+//   AX  round keys (16 bytes per round, see schedule.go)
+//   R8  number of rounds (10, 12 or 14)
+//   R10 AX + 16*(rounds-10), so rounds-9..rounds are at fixed offsets
+//   X8/Y8 current round key
+//
+// The XTS tweak T_j of block j of a sector is T_0 * x^j in GF(2^128) with
+// the little-endian convention of IEEE 1619: shift the 128-bit value left
+// and fold the carry out of bit 127 back in as 0x87. The AES-NI kernels do
+// one doubling per block (SSE2 shift + carry mask); the VAES kernels keep
+// (T_j, T_j+1) in one ymm register and derive the tweaks of a whole 16-block
+// batch from it in parallel with a shift and a VPCLMULQDQ reduction.
+
+// Reduction constant for VPCLMULQDQ: 0x87 in the low qword of each lane.
+DATA xtsPoly<>+0(SB)/8, $0x87
+DATA xtsPoly<>+8(SB)/8, $0
+DATA xtsPoly<>+16(SB)/8, $0x87
+DATA xtsPoly<>+24(SB)/8, $0
+GLOBL xtsPoly<>(SB), RODATA|NOPTR, $32
+
+// Carry mask for the SSE2 doubling: dwords {0x87, 0, 1, 0}.
+DATA xtsMask<>+0(SB)/4, $0x87
+DATA xtsMask<>+4(SB)/4, $0
+DATA xtsMask<>+8(SB)/4, $1
+DATA xtsMask<>+12(SB)/4, $0
+GLOBL xtsMask<>(SB), RODATA|NOPTR, $16
+
+// ---------------------------------------------------------------------------
+// Macros
+
+// SETUP_KEYS loads the round-key pointer and rounds and derives R10.
+#define SETUP_KEYS \
+	MOVQ rk+0(FP), AX; \
+	MOVQ rounds+8(FP), R8; \
+	MOVQ R8, R10; \
+	SHLQ $4, R10; \
+	LEAQ -160(AX)(R10*1), R10
+
+// One AES round with round key K (a memory operand) on X0-X7 or on X0.
+#define SSE8(OP, K) \
+	MOVOU K, X8; \
+	OP X8, X0; OP X8, X1; OP X8, X2; OP X8, X3; \
+	OP X8, X4; OP X8, X5; OP X8, X6; OP X8, X7
+
+#define SSE1(OP, K) \
+	MOVOU K, X8; \
+	OP X8, X0
+
+// Rounds 1..Nr on X0-X7 (round 0 already applied).
+#define ROUNDS_SSE8(OP, LAST, l12, l10) \
+	CMPQ R8, $12; \
+	JB   l10; \
+	JE   l12; \
+	SSE8(OP, 16(AX)); \
+	SSE8(OP, 32(AX)); \
+l12: \
+	SSE8(OP, -16(R10)); \
+	SSE8(OP, 0(R10)); \
+l10: \
+	SSE8(OP, 16(R10)); \
+	SSE8(OP, 32(R10)); \
+	SSE8(OP, 48(R10)); \
+	SSE8(OP, 64(R10)); \
+	SSE8(OP, 80(R10)); \
+	SSE8(OP, 96(R10)); \
+	SSE8(OP, 112(R10)); \
+	SSE8(OP, 128(R10)); \
+	SSE8(OP, 144(R10)); \
+	SSE8(LAST, 160(R10))
+
+// Rounds 1..Nr on X0.
+#define ROUNDS_SSE1(OP, LAST, l12, l10) \
+	CMPQ R8, $12; \
+	JB   l10; \
+	JE   l12; \
+	SSE1(OP, 16(AX)); \
+	SSE1(OP, 32(AX)); \
+l12: \
+	SSE1(OP, -16(R10)); \
+	SSE1(OP, 0(R10)); \
+l10: \
+	SSE1(OP, 16(R10)); \
+	SSE1(OP, 32(R10)); \
+	SSE1(OP, 48(R10)); \
+	SSE1(OP, 64(R10)); \
+	SSE1(OP, 80(R10)); \
+	SSE1(OP, 96(R10)); \
+	SSE1(OP, 112(R10)); \
+	SSE1(OP, 128(R10)); \
+	SSE1(OP, 144(R10)); \
+	SSE1(LAST, 160(R10))
+
+// T = T * x. Needs the carry mask in X10; clobbers X11.
+#define MULX_SSE(T) \
+	PSHUFD $0x13, T, X11; \
+	PSRAL  $31, X11; \
+	PAND   X10, X11; \
+	PADDQ  T, T; \
+	PXOR   X11, T
+
+// XTS input whitening of one block: save the tweak X9 at off(SP), load the
+// block, xor tweak and round key 0 (X8), then advance X9.
+#define XTS_SSE_IN(off, XR) \
+	MOVOU X9, off(SP); \
+	MOVOU off(SI), XR; \
+	PXOR  X9, XR; \
+	PXOR  X8, XR; \
+	MULX_SSE(X9)
+
+#define XTS_SSE_OUT(off, XR) \
+	MOVOU off(SP), X11; \
+	PXOR  X11, XR; \
+	MOVOU XR, off(DI)
+
+// XTS_SSE(OP, LAST, labels...) is the body of an AES-NI XTS function
+// func(rk *byte, rounds int, dst, src, tweaks *byte, nsect, ss int)
+// where tweaks holds the encrypted initial tweak T_0 of each sector. The
+// label arguments keep the labels of each expansion distinct.
+#define XTS_SSE(OP, LAST, Lsector, Lloop, Ltail, Lb12, Lb10, Lt12, Lt10, Lnext, Ldone) \
+	SETUP_KEYS; \
+	MOVQ dst+16(FP), DI; \
+	MOVQ src+24(FP), SI; \
+	MOVQ tweaks+32(FP), BX; \
+	MOVQ nsect+40(FP), CX; \
+	MOVQ ss+48(FP), DX; \
+	MOVOU xtsMask<>(SB), X10; \
+	SHRQ $4, DX; \
+	TESTQ CX, CX; \
+	JZ   Ldone; \
+Lsector: \
+	MOVOU (BX), X9; \
+	MOVQ DX, R9; \
+Lloop: \
+	CMPQ R9, $8; \
+	JB   Ltail; \
+	MOVOU (AX), X8; \
+	XTS_SSE_IN(0, X0); \
+	XTS_SSE_IN(16, X1); \
+	XTS_SSE_IN(32, X2); \
+	XTS_SSE_IN(48, X3); \
+	XTS_SSE_IN(64, X4); \
+	XTS_SSE_IN(80, X5); \
+	XTS_SSE_IN(96, X6); \
+	XTS_SSE_IN(112, X7); \
+	ROUNDS_SSE8(OP, LAST, Lb12, Lb10); \
+	XTS_SSE_OUT(0, X0); \
+	XTS_SSE_OUT(16, X1); \
+	XTS_SSE_OUT(32, X2); \
+	XTS_SSE_OUT(48, X3); \
+	XTS_SSE_OUT(64, X4); \
+	XTS_SSE_OUT(80, X5); \
+	XTS_SSE_OUT(96, X6); \
+	XTS_SSE_OUT(112, X7); \
+	ADDQ $128, SI; \
+	ADDQ $128, DI; \
+	SUBQ $8, R9; \
+	JMP  Lloop; \
+Ltail: \
+	TESTQ R9, R9; \
+	JZ   Lnext; \
+	MOVOU (AX), X8; \
+	MOVOU (SI), X0; \
+	PXOR  X9, X0; \
+	PXOR  X8, X0; \
+	ROUNDS_SSE1(OP, LAST, Lt12, Lt10); \
+	PXOR  X9, X0; \
+	MOVOU X0, (DI); \
+	MULX_SSE(X9); \
+	ADDQ $16, SI; \
+	ADDQ $16, DI; \
+	DECQ R9; \
+	JMP  Ltail; \
+Lnext: \
+	ADDQ $16, BX; \
+	DECQ CX; \
+	JNZ  Lsector; \
+Ldone: \
+	RET
+
+// CBC_ENC_LANE xors the next plaintext block of one lane (address M) and
+// round key 0 into its chaining value XR.
+#define CBC_ENC_LANE(M, XR) \
+	MOVOU M, X11; \
+	PXOR  X11, XR; \
+	PXOR  X8, XR
+
+// VAES counterparts of SSE8/SSE1 and the round sequences: the round key
+// is broadcast to both lanes of Y8.
+#define V8(OP, K) \
+	VBROADCASTI128 K, Y8; \
+	OP Y8, Y0, Y0; OP Y8, Y1, Y1; OP Y8, Y2, Y2; OP Y8, Y3, Y3; \
+	OP Y8, Y4, Y4; OP Y8, Y5, Y5; OP Y8, Y6, Y6; OP Y8, Y7, Y7
+
+#define V1(OP, K) \
+	VBROADCASTI128 K, Y8; \
+	OP Y8, Y0, Y0
+
+#define ROUNDS_V8(OP, LAST, l12, l10) \
+	CMPQ R8, $12; \
+	JB   l10; \
+	JE   l12; \
+	V8(OP, 16(AX)); \
+	V8(OP, 32(AX)); \
+l12: \
+	V8(OP, -16(R10)); \
+	V8(OP, 0(R10)); \
+l10: \
+	V8(OP, 16(R10)); \
+	V8(OP, 32(R10)); \
+	V8(OP, 48(R10)); \
+	V8(OP, 64(R10)); \
+	V8(OP, 80(R10)); \
+	V8(OP, 96(R10)); \
+	V8(OP, 112(R10)); \
+	V8(OP, 128(R10)); \
+	V8(OP, 144(R10)); \
+	V8(LAST, 160(R10))
+
+#define ROUNDS_V1(OP, LAST, l12, l10) \
+	CMPQ R8, $12; \
+	JB   l10; \
+	JE   l12; \
+	V1(OP, 16(AX)); \
+	V1(OP, 32(AX)); \
+l12: \
+	V1(OP, -16(R10)); \
+	V1(OP, 0(R10)); \
+l10: \
+	V1(OP, 16(R10)); \
+	V1(OP, 32(R10)); \
+	V1(OP, 48(R10)); \
+	V1(OP, 64(R10)); \
+	V1(OP, 80(R10)); \
+	V1(OP, 96(R10)); \
+	V1(OP, 112(R10)); \
+	V1(OP, 128(R10)); \
+	V1(OP, 144(R10)); \
+	V1(LAST, 160(R10))
+
+// D = S * x^K in each 128-bit lane, 1 <= K <= 56: shift both qwords left,
+// carry the low qword's top bits into the high qword, and reduce the high
+// qword's top K bits with a carry-less multiply by 0x87 (Y10). Clobbers
+// Y12, Y13. S and D may be the same register.
+#define MULXK(K, S, D) \
+	VPSRLQ     $(64-K), S, Y12; \
+	VPCLMULQDQ $0x01, Y10, Y12, Y13; \
+	VPSLLDQ    $8, Y12, Y12; \
+	VPSLLQ     $K, S, D; \
+	VPXOR      Y12, D, D; \
+	VPXOR      Y13, D, D
+
+// Lane i of a 16-block XTS batch: tweak pair (T_2i, T_2i+1) = Y9 * x^2i,
+// saved at off(SP) for the output whitening.
+#define XTS_V_IN(K, off, YR) \
+	MULXK(K, Y9, Y11); \
+	VMOVDQU Y11, off(SP); \
+	VPXOR   off(SI), Y11, YR; \
+	VPXOR   Y8, YR, YR
+
+#define XTS_V_OUT(off, YR) \
+	VPXOR   off(SP), YR, YR; \
+	VMOVDQU YR, off(DI)
+
+// XTS_V(OP, LAST, labels...) is the body of a VAES XTS function with the same
+// signature as the AES-NI ones. Y9 holds (T_j, T_j+1) for the next block j.
+#define XTS_V(OP, LAST, Lsector, Lloop, Ltail, Lb12, Lb10, Lt12, Lt10, Lnext, Ldone) \
+	SETUP_KEYS; \
+	MOVQ dst+16(FP), DI; \
+	MOVQ src+24(FP), SI; \
+	MOVQ tweaks+32(FP), BX; \
+	MOVQ nsect+40(FP), CX; \
+	MOVQ ss+48(FP), DX; \
+	VMOVDQU xtsPoly<>(SB), Y10; \
+	SHRQ $4, DX; \
+	TESTQ CX, CX; \
+	JZ   Ldone; \
+Lsector: \
+	VMOVDQU (BX), X9; \
+	MULXK(1, Y9, Y11); \
+	VINSERTI128 $1, X11, Y9, Y9; \
+	MOVQ DX, R9; \
+Lloop: \
+	CMPQ R9, $16; \
+	JB   Ltail; \
+	VBROADCASTI128 (AX), Y8; \
+	VMOVDQU Y9, 0(SP); \
+	VPXOR   0(SI), Y9, Y0; \
+	VPXOR   Y8, Y0, Y0; \
+	XTS_V_IN(2, 32, Y1); \
+	XTS_V_IN(4, 64, Y2); \
+	XTS_V_IN(6, 96, Y3); \
+	XTS_V_IN(8, 128, Y4); \
+	XTS_V_IN(10, 160, Y5); \
+	XTS_V_IN(12, 192, Y6); \
+	XTS_V_IN(14, 224, Y7); \
+	MULXK(16, Y9, Y9); \
+	ROUNDS_V8(OP, LAST, Lb12, Lb10); \
+	XTS_V_OUT(0, Y0); \
+	XTS_V_OUT(32, Y1); \
+	XTS_V_OUT(64, Y2); \
+	XTS_V_OUT(96, Y3); \
+	XTS_V_OUT(128, Y4); \
+	XTS_V_OUT(160, Y5); \
+	XTS_V_OUT(192, Y6); \
+	XTS_V_OUT(224, Y7); \
+	ADDQ $256, SI; \
+	ADDQ $256, DI; \
+	SUBQ $16, R9; \
+	JMP  Lloop; \
+Ltail: \
+	TESTQ R9, R9; \
+	JZ   Lnext; \
+	VBROADCASTI128 (AX), Y8; \
+	VMOVDQU (SI), X0; \
+	VPXOR   Y9, Y0, Y0; \
+	VPXOR   Y8, Y0, Y0; \
+	ROUNDS_V1(OP, LAST, Lt12, Lt10); \
+	VPXOR   Y9, Y0, Y0; \
+	VMOVDQU X0, (DI); \
+	MULXK(1, Y9, Y9); \
+	ADDQ $16, SI; \
+	ADDQ $16, DI; \
+	DECQ R9; \
+	JMP  Ltail; \
+Lnext: \
+	ADDQ $16, BX; \
+	DECQ CX; \
+	JNZ  Lsector; \
+Ldone: \
+	VZEROUPPER; \
+	RET
+
+// ---------------------------------------------------------------------------
+// AES-NI kernels
+
+// func xtsEncAESNI(rk *byte, rounds int, dst, src, tweaks *byte, nsect, ss int)
+TEXT ·xtsEncAESNI(SB), NOSPLIT, $128-56
+	XTS_SSE(AESENC, AESENCLAST, xea_sector, xea_loop, xea_tail, xea_b12, xea_b10, xea_t12, xea_t10, xea_next, xea_done)
+
+// func xtsDecAESNI(rk *byte, rounds int, dst, src, tweaks *byte, nsect, ss int)
+TEXT ·xtsDecAESNI(SB), NOSPLIT, $128-56
+	XTS_SSE(AESDEC, AESDECLAST, xda_sector, xda_loop, xda_tail, xda_b12, xda_b10, xda_t12, xda_t10, xda_next, xda_done)
+
+// func encBlocksAESNI(rk *byte, rounds int, dst, src *byte, n int)
+// ECB-encrypts n blocks (used for XTS tweaks and ESSIV IVs).
+TEXT ·encBlocksAESNI(SB), NOSPLIT, $0-40
+	SETUP_KEYS
+	MOVQ dst+16(FP), DI
+	MOVQ src+24(FP), SI
+	MOVQ n+32(FP), CX
+
+eba_loop8:
+	CMPQ CX, $8
+	JB   eba_tail
+	MOVOU (AX), X8
+	MOVOU 0(SI), X0
+	MOVOU 16(SI), X1
+	MOVOU 32(SI), X2
+	MOVOU 48(SI), X3
+	MOVOU 64(SI), X4
+	MOVOU 80(SI), X5
+	MOVOU 96(SI), X6
+	MOVOU 112(SI), X7
+	PXOR  X8, X0
+	PXOR  X8, X1
+	PXOR  X8, X2
+	PXOR  X8, X3
+	PXOR  X8, X4
+	PXOR  X8, X5
+	PXOR  X8, X6
+	PXOR  X8, X7
+	ROUNDS_SSE8(AESENC, AESENCLAST, eba_b12, eba_b10)
+	MOVOU X0, 0(DI)
+	MOVOU X1, 16(DI)
+	MOVOU X2, 32(DI)
+	MOVOU X3, 48(DI)
+	MOVOU X4, 64(DI)
+	MOVOU X5, 80(DI)
+	MOVOU X6, 96(DI)
+	MOVOU X7, 112(DI)
+	ADDQ  $128, SI
+	ADDQ  $128, DI
+	SUBQ  $8, CX
+	JMP   eba_loop8
+
+eba_tail:
+	TESTQ CX, CX
+	JZ    eba_done
+	MOVOU (AX), X8
+	MOVOU (SI), X0
+	PXOR  X8, X0
+	ROUNDS_SSE1(AESENC, AESENCLAST, eba_t12, eba_t10)
+	MOVOU X0, (DI)
+	ADDQ  $16, SI
+	ADDQ  $16, DI
+	DECQ  CX
+	JMP   eba_tail
+
+eba_done:
+	RET
+
+// func cbcDecAESNI(rk *byte, rounds int, dst, src, ivs *byte, nsect, ss int)
+// CBC-decrypts nsect sectors of ss bytes; ivs holds one IV per sector.
+// Decryption is parallel across the blocks of a sector. dst may equal src:
+// every ciphertext block a batch chains on is loaded before it is stored.
+TEXT ·cbcDecAESNI(SB), NOSPLIT, $0-56
+	SETUP_KEYS
+	MOVQ dst+16(FP), DI
+	MOVQ src+24(FP), SI
+	MOVQ ivs+32(FP), BX
+	MOVQ nsect+40(FP), CX
+	MOVQ ss+48(FP), DX
+	SHRQ $4, DX
+	TESTQ CX, CX
+	JZ    cda_done
+
+cda_sector:
+	MOVOU (BX), X9
+	MOVQ  DX, R9
+
+cda_loop8:
+	CMPQ R9, $8
+	JB   cda_tail
+	MOVOU (AX), X8
+	MOVOU 0(SI), X0
+	MOVOU 16(SI), X1
+	MOVOU 32(SI), X2
+	MOVOU 48(SI), X3
+	MOVOU 64(SI), X4
+	MOVOU 80(SI), X5
+	MOVOU 96(SI), X6
+	MOVOU 112(SI), X7
+	PXOR  X8, X0
+	PXOR  X8, X1
+	PXOR  X8, X2
+	PXOR  X8, X3
+	PXOR  X8, X4
+	PXOR  X8, X5
+	PXOR  X8, X6
+	PXOR  X8, X7
+	ROUNDS_SSE8(AESDEC, AESDECLAST, cda_b12, cda_b10)
+	PXOR  X9, X0
+	MOVOU 0(SI), X11
+	PXOR  X11, X1
+	MOVOU 16(SI), X11
+	PXOR  X11, X2
+	MOVOU 32(SI), X11
+	PXOR  X11, X3
+	MOVOU 48(SI), X11
+	PXOR  X11, X4
+	MOVOU 64(SI), X11
+	PXOR  X11, X5
+	MOVOU 80(SI), X11
+	PXOR  X11, X6
+	MOVOU 96(SI), X11
+	PXOR  X11, X7
+	MOVOU 112(SI), X9
+	MOVOU X0, 0(DI)
+	MOVOU X1, 16(DI)
+	MOVOU X2, 32(DI)
+	MOVOU X3, 48(DI)
+	MOVOU X4, 64(DI)
+	MOVOU X5, 80(DI)
+	MOVOU X6, 96(DI)
+	MOVOU X7, 112(DI)
+	ADDQ  $128, SI
+	ADDQ  $128, DI
+	SUBQ  $8, R9
+	JMP   cda_loop8
+
+cda_tail:
+	TESTQ R9, R9
+	JZ    cda_next
+	MOVOU (AX), X8
+	MOVOU (SI), X0
+	MOVOU X0, X12
+	PXOR  X8, X0
+	ROUNDS_SSE1(AESDEC, AESDECLAST, cda_t12, cda_t10)
+	PXOR  X9, X0
+	MOVOU X12, X9
+	MOVOU X0, (DI)
+	ADDQ  $16, SI
+	ADDQ  $16, DI
+	DECQ  R9
+	JMP   cda_tail
+
+cda_next:
+	ADDQ $16, BX
+	DECQ CX
+	JNZ  cda_sector
+
+cda_done:
+	RET
+
+// func cbcEncAESNI(rk *byte, rounds int, dst, src, ivs *byte, nsect, ss int)
+// CBC-encrypts nsect sectors of ss bytes; ivs holds one IV per sector.
+// CBC encryption is serial within a sector, so groups of 8 sectors are
+// encrypted side by side, one chain per register; the last nsect%8 sectors
+// go one at a time.
+TEXT ·cbcEncAESNI(SB), NOSPLIT, $0-56
+	SETUP_KEYS
+	MOVQ dst+16(FP), DI
+	MOVQ src+24(FP), SI
+	MOVQ ivs+32(FP), BX
+	MOVQ nsect+40(FP), CX
+	MOVQ ss+48(FP), DX
+	LEAQ (DX)(DX*2), R11 // 3*ss
+	LEAQ (DX)(DX*4), R12 // 5*ss
+	LEAQ (R11)(DX*4), R13 // 7*ss
+
+cea_group:
+	CMPQ CX, $8
+	JB   cea_single
+	MOVOU 0(BX), X0
+	MOVOU 16(BX), X1
+	MOVOU 32(BX), X2
+	MOVOU 48(BX), X3
+	MOVOU 64(BX), X4
+	MOVOU 80(BX), X5
+	MOVOU 96(BX), X6
+	MOVOU 112(BX), X7
+	MOVQ  DX, R9
+	SHRQ  $4, R9
+
+cea_loop:
+	MOVOU (AX), X8
+	CBC_ENC_LANE((SI), X0)
+	CBC_ENC_LANE((SI)(DX*1), X1)
+	CBC_ENC_LANE((SI)(DX*2), X2)
+	CBC_ENC_LANE((SI)(R11*1), X3)
+	CBC_ENC_LANE((SI)(DX*4), X4)
+	CBC_ENC_LANE((SI)(R12*1), X5)
+	CBC_ENC_LANE((SI)(R11*2), X6)
+	CBC_ENC_LANE((SI)(R13*1), X7)
+	ROUNDS_SSE8(AESENC, AESENCLAST, cea_b12, cea_b10)
+	MOVOU X0, (DI)
+	MOVOU X1, (DI)(DX*1)
+	MOVOU X2, (DI)(DX*2)
+	MOVOU X3, (DI)(R11*1)
+	MOVOU X4, (DI)(DX*4)
+	MOVOU X5, (DI)(R12*1)
+	MOVOU X6, (DI)(R11*2)
+	MOVOU X7, (DI)(R13*1)
+	ADDQ  $16, SI
+	ADDQ  $16, DI
+	DECQ  R9
+	JNZ   cea_loop
+
+	// SI and DI advanced by one sector; skip the other seven.
+	ADDQ R13, SI
+	ADDQ R13, DI
+	ADDQ $128, BX
+	SUBQ $8, CX
+	JMP  cea_group
+
+cea_single:
+	TESTQ CX, CX
+	JZ    cea_done
+	MOVOU (BX), X0
+	MOVQ  DX, R9
+	SHRQ  $4, R9
+
+cea_block:
+	MOVOU (AX), X8
+	CBC_ENC_LANE((SI), X0)
+	ROUNDS_SSE1(AESENC, AESENCLAST, cea_t12, cea_t10)
+	MOVOU X0, (DI)
+	ADDQ  $16, SI
+	ADDQ  $16, DI
+	DECQ  R9
+	JNZ   cea_block
+	ADDQ  $16, BX
+	DECQ  CX
+	JMP   cea_single
+
+cea_done:
+	RET
+
+// ---------------------------------------------------------------------------
+// VAES kernels
+
+// func xtsEncVAES(rk *byte, rounds int, dst, src, tweaks *byte, nsect, ss int)
+TEXT ·xtsEncVAES(SB), NOSPLIT, $256-56
+	XTS_V(VAESENC, VAESENCLAST, xev_sector, xev_loop, xev_tail, xev_b12, xev_b10, xev_t12, xev_t10, xev_next, xev_done)
+
+// func xtsDecVAES(rk *byte, rounds int, dst, src, tweaks *byte, nsect, ss int)
+TEXT ·xtsDecVAES(SB), NOSPLIT, $256-56
+	XTS_V(VAESDEC, VAESDECLAST, xdv_sector, xdv_loop, xdv_tail, xdv_b12, xdv_b10, xdv_t12, xdv_t10, xdv_next, xdv_done)
+
+// func encBlocksVAES(rk *byte, rounds int, dst, src *byte, n int)
+TEXT ·encBlocksVAES(SB), NOSPLIT, $0-40
+	SETUP_KEYS
+	MOVQ dst+16(FP), DI
+	MOVQ src+24(FP), SI
+	MOVQ n+32(FP), CX
+
+ebv_loop16:
+	CMPQ CX, $16
+	JB   ebv_tail
+	VBROADCASTI128 (AX), Y8
+	VPXOR   0(SI), Y8, Y0
+	VPXOR   32(SI), Y8, Y1
+	VPXOR   64(SI), Y8, Y2
+	VPXOR   96(SI), Y8, Y3
+	VPXOR   128(SI), Y8, Y4
+	VPXOR   160(SI), Y8, Y5
+	VPXOR   192(SI), Y8, Y6
+	VPXOR   224(SI), Y8, Y7
+	ROUNDS_V8(VAESENC, VAESENCLAST, ebv_b12, ebv_b10)
+	VMOVDQU Y0, 0(DI)
+	VMOVDQU Y1, 32(DI)
+	VMOVDQU Y2, 64(DI)
+	VMOVDQU Y3, 96(DI)
+	VMOVDQU Y4, 128(DI)
+	VMOVDQU Y5, 160(DI)
+	VMOVDQU Y6, 192(DI)
+	VMOVDQU Y7, 224(DI)
+	ADDQ $256, SI
+	ADDQ $256, DI
+	SUBQ $16, CX
+	JMP  ebv_loop16
+
+ebv_tail:
+	TESTQ CX, CX
+	JZ    ebv_done
+	VBROADCASTI128 (AX), Y8
+	VMOVDQU (SI), X0
+	VPXOR   Y8, Y0, Y0
+	ROUNDS_V1(VAESENC, VAESENCLAST, ebv_t12, ebv_t10)
+	VMOVDQU X0, (DI)
+	ADDQ $16, SI
+	ADDQ $16, DI
+	DECQ CX
+	JMP  ebv_tail
+
+ebv_done:
+	VZEROUPPER
+	RET
+
+// func cbcDecVAES(rk *byte, rounds int, dst, src, ivs *byte, nsect, ss int)
+// As cbcDecAESNI with 16 blocks in flight. Lane i of a batch holds blocks
+// 2i and 2i+1 and chains on the ciphertext pair at 32i-16.
+TEXT ·cbcDecVAES(SB), NOSPLIT, $0-56
+	SETUP_KEYS
+	MOVQ dst+16(FP), DI
+	MOVQ src+24(FP), SI
+	MOVQ ivs+32(FP), BX
+	MOVQ nsect+40(FP), CX
+	MOVQ ss+48(FP), DX
+	SHRQ $4, DX
+	TESTQ CX, CX
+	JZ    cdv_done
+
+cdv_sector:
+	VMOVDQU (BX), X9
+	MOVQ    DX, R9
+
+cdv_loop16:
+	CMPQ R9, $16
+	JB   cdv_tail
+	VBROADCASTI128 (AX), Y8
+	VPXOR   0(SI), Y8, Y0
+	VPXOR   32(SI), Y8, Y1
+	VPXOR   64(SI), Y8, Y2
+	VPXOR   96(SI), Y8, Y3
+	VPXOR   128(SI), Y8, Y4
+	VPXOR   160(SI), Y8, Y5
+	VPXOR   192(SI), Y8, Y6
+	VPXOR   224(SI), Y8, Y7
+	ROUNDS_V8(VAESDEC, VAESDECLAST, cdv_b12, cdv_b10)
+	VINSERTI128 $1, 0(SI), Y9, Y11
+	VPXOR   Y11, Y0, Y0
+	VPXOR   16(SI), Y1, Y1
+	VPXOR   48(SI), Y2, Y2
+	VPXOR   80(SI), Y3, Y3
+	VPXOR   112(SI), Y4, Y4
+	VPXOR   144(SI), Y5, Y5
+	VPXOR   176(SI), Y6, Y6
+	VPXOR   208(SI), Y7, Y7
+	VMOVDQU 240(SI), X9
+	VMOVDQU Y0, 0(DI)
+	VMOVDQU Y1, 32(DI)
+	VMOVDQU Y2, 64(DI)
+	VMOVDQU Y3, 96(DI)
+	VMOVDQU Y4, 128(DI)
+	VMOVDQU Y5, 160(DI)
+	VMOVDQU Y6, 192(DI)
+	VMOVDQU Y7, 224(DI)
+	ADDQ $256, SI
+	ADDQ $256, DI
+	SUBQ $16, R9
+	JMP  cdv_loop16
+
+cdv_tail:
+	TESTQ R9, R9
+	JZ    cdv_next
+	VBROADCASTI128 (AX), Y8
+	VMOVDQU (SI), X0
+	VMOVDQU X0, X12
+	VPXOR   Y8, Y0, Y0
+	ROUNDS_V1(VAESDEC, VAESDECLAST, cdv_t12, cdv_t10)
+	VPXOR   X9, X0, X0
+	VMOVDQU X12, X9
+	VMOVDQU X0, (DI)
+	ADDQ $16, SI
+	ADDQ $16, DI
+	DECQ R9
+	JMP  cdv_tail
+
+cdv_next:
+	ADDQ $16, BX
+	DECQ CX
+	JNZ  cdv_sector
+
+cdv_done:
+	VZEROUPPER
+	RET
+
+// ---------------------------------------------------------------------------
+// CPU feature detection
+
+// func cpuid(eaxArg, ecxArg uint32) (eax, ebx, ecx, edx uint32)
+TEXT ·cpuid(SB), NOSPLIT, $0-24
+	MOVL eaxArg+0(FP), AX
+	MOVL ecxArg+4(FP), CX
+	CPUID
+	MOVL AX, eax+8(FP)
+	MOVL BX, ebx+12(FP)
+	MOVL CX, ecx+16(FP)
+	MOVL DX, edx+20(FP)
+	RET
+
+// func xgetbv() (eax, edx uint32)
+TEXT ·xgetbv(SB), NOSPLIT, $0-8
+	MOVL $0, CX
+	XGETBV
+	MOVL AX, eax+0(FP)
+	MOVL DX, edx+4(FP)
+	RET

@@ -1,0 +1,5 @@
+//go:build race
+
+package blockcrypto
+
+const raceEnabled = true

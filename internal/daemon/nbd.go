@@ -1,0 +1,492 @@
+package daemon
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+
+	"blockd/graph"
+	"blockd/internal/qapi"
+	"blockd/internal/tlscreds"
+	"blockd/nbd"
+	"blockd/qmp"
+)
+
+// The NBD side of the daemon: nbd-server-start/stop, block-export-add/del,
+// query-block-exports and the deprecated nbd-server-add/remove, plus
+// tls-creds-x509 objects.
+
+// InetSocketAddress is QAPI's InetSocketAddress.
+type InetSocketAddress struct {
+	Host      string `json:"host"`
+	Port      string `json:"port"`
+	Numeric   *bool  `json:"numeric,omitempty"`
+	To        *int64 `json:"to,omitempty"`
+	IPv4      *bool  `json:"ipv4,omitempty"`
+	IPv6      *bool  `json:"ipv6,omitempty"`
+	KeepAlive *bool  `json:"keep-alive,omitempty"`
+}
+
+// UnixSocketAddress is QAPI's UnixSocketAddress.
+type UnixSocketAddress struct {
+	Path     string `json:"path"`
+	Abstract *bool  `json:"abstract,omitempty"`
+	Tight    *bool  `json:"tight,omitempty"`
+}
+
+type socketType string
+
+func (socketType) EnumValues() []string { return []string{"inet", "unix", "vsock", "fd"} }
+
+// socketAddress is a decoded SocketAddress (flat) or SocketAddressLegacy
+// (nested under "data").
+type socketAddress struct {
+	Type socketType
+	Inet *InetSocketAddress
+	Unix *UnixSocketAddress
+}
+
+// decodeSocketAddress decodes addr at path, nested (QMP) or flat (command
+// line), with QEMU's error texts.
+func decodeSocketAddress(d *qapi.Decoder, v any, path string, nested bool) (*socketAddress, error) {
+	obj, ok := v.(map[string]any)
+	if !ok {
+		return nil, &qapi.Error{Msg: fmt.Sprintf("Invalid parameter type for '%s', expected: object", path)}
+	}
+	var base struct {
+		Type socketType `json:"type"`
+	}
+	if err := d.Decode(map[string]any{"type": obj["type"]}, path, &base); err != nil {
+		if _, ok := obj["type"]; !ok {
+			return nil, &qapi.Error{Msg: fmt.Sprintf("Parameter '%s.type' is missing", path)}
+		}
+		return nil, err
+	}
+	sa := &socketAddress{Type: base.Type}
+	var variant any
+	switch base.Type {
+	case "inet":
+		sa.Inet = &InetSocketAddress{}
+		variant = sa.Inet
+	case "unix":
+		sa.Unix = &UnixSocketAddress{}
+		variant = sa.Unix
+	default:
+		return nil, fmt.Errorf("socket address type '%s' is not supported by blockd", base.Type)
+	}
+	if nested {
+		var wrap struct {
+			Type socketType     `json:"type"`
+			Data map[string]any `json:"data"`
+		}
+		if err := d.Decode(obj, path, &wrap); err != nil {
+			return nil, err
+		}
+		if err := d.Decode(wrap.Data, path+".data", variant); err != nil {
+			return nil, err
+		}
+		return sa, nil
+	}
+	if err := d.Decode(obj, path, &base, variant); err != nil {
+		return nil, err
+	}
+	return sa, nil
+}
+
+func (sa *socketAddress) listen() (net.Listener, error) {
+	switch sa.Type {
+	case "unix":
+		if sa.Unix.Abstract != nil && *sa.Unix.Abstract {
+			return nil, errors.New("abstract unix sockets are not supported")
+		}
+		l, err := qmp.ListenUnix(sa.Unix.Path)
+		if err != nil {
+			return nil, fmt.Errorf("Failed to bind socket to %s: %v", sa.Unix.Path, errors.Unwrap(err))
+		}
+		return l, nil
+	case "inet":
+		if _, err := strconv.Atoi(sa.Inet.Port); err != nil {
+			if _, err := net.LookupPort("tcp", sa.Inet.Port); err != nil {
+				return nil, fmt.Errorf("address resolution failed for %s:%s: Servname not supported for ai_socktype", sa.Inet.Host, sa.Inet.Port)
+			}
+		}
+		network := "tcp"
+		if sa.Inet.IPv4 != nil && *sa.Inet.IPv4 && (sa.Inet.IPv6 == nil || !*sa.Inet.IPv6) {
+			network = "tcp4"
+		} else if sa.Inet.IPv6 != nil && *sa.Inet.IPv6 && (sa.Inet.IPv4 == nil || !*sa.Inet.IPv4) {
+			network = "tcp6"
+		}
+		l, err := net.Listen(network, net.JoinHostPort(sa.Inet.Host, sa.Inet.Port))
+		if err != nil {
+			return nil, fmt.Errorf("Failed to bind socket: %v", errors.Unwrap(errors.Unwrap(err)))
+		}
+		return l, nil
+	}
+	return nil, fmt.Errorf("socket address type '%s' is not supported by blockd", sa.Type)
+}
+
+type nbdServerArgs struct {
+	TLSCreds       *string     `json:"tls-creds,omitempty"`
+	TLSAuthz       *string     `json:"tls-authz,omitempty"`
+	MaxConnections *uint32     `json:"max-connections,omitempty"`
+	Addr           qapi.Opaque `json:"addr"`
+}
+
+// nbdState is the running NBD server and its exports.
+type nbdState struct {
+	srv      *nbd.Server
+	listener net.Listener
+	exports  []*export // newest last
+}
+
+type export struct {
+	id, name, node string
+	backend        *graph.Child
+	shuttingDown   bool
+}
+
+// StartNBDFlat implements --nbd-server (flat SocketAddress).
+func (d *Daemon) StartNBDFlat(tree any, keyval bool) error {
+	return d.startNBD(tree, keyval, false)
+}
+
+func (d *Daemon) startNBD(tree any, keyval, nested bool) error {
+	dec := &qapi.Decoder{Keyval: keyval}
+	var a nbdServerArgs
+	if err := dec.Decode(tree, "", &a); err != nil {
+		return err
+	}
+	sa, err := decodeSocketAddress(dec, a.Addr.V, "addr", nested)
+	if err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.nbd != nil {
+		return errors.New("NBD server already running")
+	}
+	var tc *tls.Config
+	if a.TLSCreds != nil {
+		o, ok := d.tls[*a.TLSCreds]
+		if !ok {
+			return fmt.Errorf("No TLS credentials with id '%s'", *a.TLSCreds)
+		}
+		if o.endpoint != "server" {
+			return errors.New("Expected TLS credentials for a server endpoint")
+		}
+		tc = o.config
+	}
+	if a.TLSAuthz != nil {
+		return errors.New("tls-authz is not supported by blockd")
+	}
+	maxConn := 100
+	if a.MaxConnections != nil {
+		maxConn = int(*a.MaxConnections)
+	}
+	l, err := sa.listen()
+	if err != nil {
+		return err
+	}
+	srv := nbd.NewServer(nbd.Options{TLSConfig: tc, MaxConnections: maxConn, Log: d.Log.WithField("component", "nbd")})
+	d.nbd = &nbdState{srv: srv, listener: l}
+	go func() { _ = srv.Serve(l) }()
+	return nil
+}
+
+// stopNBD stops the server and deletes every export. d.mu is held.
+func (d *Daemon) stopNBD() error {
+	if d.nbd == nil {
+		return errors.New("NBD server not running")
+	}
+	st := d.nbd
+	for _, x := range append([]*export(nil), st.exports...) {
+		if !x.shuttingDown {
+			d.deleteExport(x, true)
+		}
+	}
+	_ = st.srv.Close()
+	d.nbd = nil
+	return nil
+}
+
+type exportType string
+
+func (exportType) EnumValues() []string {
+	return []string{"nbd", "vhost-user-blk", "fuse", "vduse-blk"}
+}
+
+// blockExportArgs is BlockExportOptions with the nbd variant.
+type blockExportArgs struct {
+	Type            exportType `json:"type"`
+	ID              string     `json:"id"`
+	FixedIothread   *bool      `json:"fixed-iothread,omitempty"`
+	Iothread        *string    `json:"iothread,omitempty"`
+	NodeName        string     `json:"node-name"`
+	Writable        *bool      `json:"writable,omitempty"`
+	Writethrough    *bool      `json:"writethrough,omitempty"`
+	Name            *string    `json:"name,omitempty"`
+	Description     *string    `json:"description,omitempty"`
+	Bitmaps         []any      `json:"bitmaps,omitempty"`
+	AllocationDepth *bool      `json:"allocation-depth,omitempty"`
+}
+
+// AddExport implements --export and block-export-add.
+func (d *Daemon) AddExport(ctx context.Context, tree any, keyval bool) error {
+	obj, ok := tree.(map[string]any)
+	if !ok {
+		return errors.New("Invalid parameter type for 'null', expected: object")
+	}
+	var a blockExportArgs
+	if t, ok := obj["type"].(string); ok && t != "nbd" {
+		var base struct {
+			Type exportType `json:"type"`
+		}
+		if err := qapi.Decode(map[string]any{"type": t}, keyval, &base); err != nil {
+			return err
+		}
+		return fmt.Errorf("export type '%s' is not supported by blockd", t)
+	}
+	if err := qapi.Decode(obj, keyval, &a); err != nil {
+		return err
+	}
+	return d.addExport(a)
+}
+
+func (d *Daemon) addExport(a blockExportArgs) error {
+	if len(a.Bitmaps) > 0 {
+		return errors.New("dirty bitmaps are not supported by blockd")
+	}
+	if a.AllocationDepth != nil && *a.AllocationDepth {
+		return errors.New("allocation-depth is not supported by blockd")
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.nbd == nil {
+		return errors.New("NBD server not running")
+	}
+	if !validID(a.ID) {
+		return fmt.Errorf("Invalid block export id '%s'", a.ID)
+	}
+	for _, x := range d.nbd.exports {
+		if x.id == a.ID {
+			return fmt.Errorf("Block export id '%s' is already in use", a.ID)
+		}
+	}
+	name := a.NodeName
+	if a.Name != nil {
+		name = *a.Name
+	}
+	if len(name) > 4096 {
+		return fmt.Errorf("export name '%s' too long", name)
+	}
+	desc := ""
+	if a.Description != nil {
+		desc = *a.Description
+		if len(desc) > 4096 {
+			return fmt.Errorf("description '%s' too long", desc)
+		}
+	}
+	for _, x := range d.nbd.exports {
+		if x.name == name && !x.shuttingDown {
+			return fmt.Errorf("NBD server already has export named '%s'", name)
+		}
+	}
+	b := d.Graph.Lookup(a.NodeName)
+	if b == nil {
+		return fmt.Errorf("Cannot find device='%s' nor node-name='%s'", a.NodeName, a.NodeName)
+	}
+	writable := a.Writable != nil && *a.Writable
+	if writable && b.ReadOnly() {
+		return errors.New("Cannot export read-only node as writable")
+	}
+	perm := graph.PermRead
+	if writable {
+		perm |= graph.PermWrite
+	}
+	be, err := d.Graph.NewBackend(a.NodeName, fmt.Sprintf("block device 'export %s'", a.ID), perm, graph.PermAll)
+	if err != nil {
+		return err
+	}
+	if err := d.nbd.srv.AddExport(&nbd.Export{Name: name, Description: desc, Node: be, ReadOnly: !writable}); err != nil {
+		d.Graph.ReleaseBackend(be)
+		return err
+	}
+	d.nbd.exports = append(d.nbd.exports, &export{id: a.ID, name: name, node: a.NodeName, backend: be})
+	return nil
+}
+
+// deleteExport withdraws x; the BLOCK_EXPORT_DELETED event follows once its
+// clients are gone. d.mu is held.
+func (d *Daemon) deleteExport(x *export, hard bool) error {
+	st := d.nbd
+	done, err := st.srv.RemoveExport(x.name, hard)
+	if err != nil {
+		if errors.Is(err, graph.ErrInUse) && !hard {
+			return fmt.Errorf("export '%s' still in use", x.id)
+		}
+		return err
+	}
+	x.shuttingDown = true
+	go func() {
+		<-done
+		d.Graph.ReleaseBackend(x.backend)
+		d.mu.Lock()
+		for i, y := range st.exports {
+			if y == x {
+				st.exports = append(st.exports[:i], st.exports[i+1:]...)
+				break
+			}
+		}
+		d.mu.Unlock()
+		d.QMP.Emit("BLOCK_EXPORT_DELETED", struct {
+			ID string `json:"id"`
+		}{x.id})
+	}()
+	return nil
+}
+
+type removeMode string
+
+func (removeMode) EnumValues() []string { return []string{"safe", "hard"} }
+
+type exportDelArgs struct {
+	ID   string      `json:"id"`
+	Mode *removeMode `json:"mode,omitempty"`
+}
+
+func (d *Daemon) delExport(id string, mode *removeMode) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.nbd != nil {
+		for _, x := range d.nbd.exports {
+			if x.id != id {
+				continue
+			}
+			if x.shuttingDown {
+				return fmt.Errorf("Export '%s' is already shutting down", id)
+			}
+			return d.deleteExport(x, mode != nil && *mode == "hard")
+		}
+	}
+	return fmt.Errorf("Export '%s' is not found", id)
+}
+
+// BlockExportInfo is an entry of query-block-exports.
+type BlockExportInfo struct {
+	ID           string `json:"id"`
+	Type         string `json:"type"`
+	NodeName     string `json:"node-name"`
+	ShuttingDown bool   `json:"shutting-down"`
+}
+
+func (d *Daemon) queryExports() []BlockExportInfo {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := []BlockExportInfo{}
+	if d.nbd == nil {
+		return out
+	}
+	for i := len(d.nbd.exports) - 1; i >= 0; i-- {
+		x := d.nbd.exports[i]
+		out = append(out, BlockExportInfo{ID: x.id, Type: "nbd", NodeName: x.node, ShuttingDown: x.shuttingDown})
+	}
+	return out
+}
+
+type nbdServerAddArgs struct {
+	Device      string  `json:"device"`
+	Name        *string `json:"name,omitempty"`
+	Description *string `json:"description,omitempty"`
+	Writable    *bool   `json:"writable,omitempty"`
+	Bitmap      *string `json:"bitmap,omitempty"`
+}
+
+type nbdServerRemoveArgs struct {
+	Name string      `json:"name"`
+	Mode *removeMode `json:"mode,omitempty"`
+}
+
+func (d *Daemon) registerNBD() {
+	qmp.Handle(d.QMP, "nbd-server-start", func(ctx context.Context, m *qmp.Monitor, a *qmp.Args) (*qmp.Empty, error) {
+		return &qmp.Empty{}, d.startNBD(map[string]any(*a), false, true)
+	})
+	qmp.Handle(d.QMP, "nbd-server-stop", func(ctx context.Context, m *qmp.Monitor, a *qmp.Empty) (*qmp.Empty, error) {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		return &qmp.Empty{}, d.stopNBD()
+	})
+	qmp.Handle(d.QMP, "block-export-add", func(ctx context.Context, m *qmp.Monitor, a *qmp.Args) (*qmp.Empty, error) {
+		return &qmp.Empty{}, d.AddExport(ctx, map[string]any(*a), false)
+	})
+	qmp.Handle(d.QMP, "block-export-del", func(ctx context.Context, m *qmp.Monitor, a *exportDelArgs) (*qmp.Empty, error) {
+		return &qmp.Empty{}, d.delExport(a.ID, a.Mode)
+	})
+	qmp.Handle(d.QMP, "query-block-exports", func(ctx context.Context, m *qmp.Monitor, a *qmp.Empty) ([]BlockExportInfo, error) {
+		return d.queryExports(), nil
+	})
+	qmp.Handle(d.QMP, "nbd-server-add", func(ctx context.Context, m *qmp.Monitor, a *nbdServerAddArgs) (*qmp.Empty, error) {
+		if a.Bitmap != nil {
+			return nil, errors.New("dirty bitmaps are not supported by blockd")
+		}
+		name := a.Device
+		if a.Name != nil {
+			name = *a.Name
+		}
+		return &qmp.Empty{}, d.addExport(blockExportArgs{Type: "nbd", ID: name, NodeName: a.Device, Name: &name, Description: a.Description, Writable: a.Writable})
+	})
+	qmp.Handle(d.QMP, "nbd-server-remove", func(ctx context.Context, m *qmp.Monitor, a *nbdServerRemoveArgs) (*qmp.Empty, error) {
+		return &qmp.Empty{}, d.delExport(a.Name, a.Mode)
+	})
+}
+
+// tlsObject is a loaded tls-creds-x509 object.
+type tlsObject struct {
+	endpoint string
+	config   *tls.Config
+}
+
+type tlsX509Props struct {
+	Dir         *string `json:"dir,omitempty"`
+	Endpoint    *string `json:"endpoint,omitempty"`
+	VerifyPeer  *bool   `json:"verify-peer,omitempty"`
+	Priority    *string `json:"priority,omitempty"`
+	SanityCheck *bool   `json:"sanity-check,omitempty"`
+	PasswordID  *string `json:"passwordid,omitempty"`
+	Loaded      *bool   `json:"loaded,omitempty"`
+}
+
+func (d *Daemon) addTLSX509(id string, p tlsX509Props) (*tlsObject, error) {
+	if p.Loaded != nil {
+		return nil, errors.New("Property 'tls-creds-x509.loaded' is not writable")
+	}
+	if p.PasswordID != nil {
+		return nil, errors.New("encrypted TLS keys (passwordid) are not supported by blockd")
+	}
+	o := tlscreds.X509Options{VerifyPeer: true, Endpoint: "client"}
+	if p.Dir != nil {
+		o.Dir = *p.Dir
+	}
+	if p.Endpoint != nil {
+		if *p.Endpoint != "client" && *p.Endpoint != "server" {
+			return nil, fmt.Errorf("Parameter 'endpoint' does not accept value '%s'", *p.Endpoint)
+		}
+		o.Endpoint = *p.Endpoint
+	}
+	if p.VerifyPeer != nil {
+		o.VerifyPeer = *p.VerifyPeer
+	}
+	if p.Priority != nil {
+		o.Priority = *p.Priority
+	}
+	if p.SanityCheck != nil {
+		o.SkipSanityCheck = !*p.SanityCheck
+	}
+	cfg, err := tlscreds.LoadX509(o)
+	if err != nil {
+		return nil, err
+	}
+	return &tlsObject{endpoint: o.Endpoint, config: cfg}, nil
+}

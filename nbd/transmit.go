@@ -1,0 +1,679 @@
+package nbd
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"sync"
+
+	"blockd/graph"
+)
+
+// The transmission phase runs on three kinds of goroutines per connection:
+//
+//   - the reader (the connection's own goroutine) reads and validates
+//     requests, reads WRITE payloads into pooled buffers and hands each
+//     request to a worker, or straight to the writer when it fails
+//     validation;
+//   - MaxInFlight workers perform the I/O on the node and compose the
+//     reply (chunk descriptors, never bytes on the wire);
+//   - one writer encodes replies into a buffered writer, flushing whenever
+//     no reply is waiting, then recycles the request.
+//
+// A fixed set of MaxInFlight request structs circulates reader → worker →
+// writer → reader through channels with that capacity, so no send ever
+// blocks, the reader stops reading when that many requests are in flight,
+// and waiting for all of them to come back means all work is done. A reply
+// is only queued once its I/O is complete, so no header is ever sent
+// before its data is known to be good.
+
+// sparseReadMin is the smallest READ for which block status is consulted
+// to send hole chunks; for smaller reads one data chunk is cheaper.
+const sparseReadMin = 64 << 10
+
+type txState struct {
+	br      *bufio.Reader
+	bw      *bufio.Writer
+	free    chan *request // idle request structs
+	work    chan *request // validated requests for the workers
+	replies chan *request // finished requests for the writer
+	rhdr    [extRequestSize]byte
+	whdr    [64]byte // writer scratch
+	werr    error    // first write error; writer only
+}
+
+// request is one request and, once handled, its reply.
+type request struct {
+	typ, flags uint16
+	cookie     uint64
+	off        uint64
+	length     uint64 // effect length (or payload length for WRITE)
+
+	bufp *[]byte // pooled buffer (WRITE payload or READ data)
+	buf  []byte
+
+	// Reply.
+	errno  uint32
+	msg    string  // error message (static strings on the I/O path)
+	chunks []chunk // structured content chunks, in order
+	exts   []graph.Extent
+	status []byte // encoded block status payload
+}
+
+// chunk is one content or status chunk of a structured reply.
+type chunk struct {
+	typ  uint16
+	off  uint64 // OFFSET_DATA/OFFSET_HOLE: absolute offset
+	hole uint32 // OFFSET_HOLE: length
+	data []byte // OFFSET_DATA: data; BLOCK_STATUS: payload
+}
+
+func (r *request) fail(errno uint32, msg string) {
+	r.errno, r.msg = errno, msg
+}
+
+// transmit serves requests until the client disconnects or is killed.
+func (c *conn) transmit() {
+	n := c.srv.opts.MaxInFlight
+	t := &c.tx
+	t.br = bufio.NewReaderSize(c.nc, 64<<10)
+	t.bw = bufio.NewWriterSize(c.nc, 64<<10)
+	t.free = make(chan *request, n)
+	t.work = make(chan *request, n)
+	t.replies = make(chan *request, n)
+	for range n {
+		t.free <- &request{}
+	}
+	var wg sync.WaitGroup
+	wg.Add(n + 1)
+	for range n {
+		go func() {
+			defer wg.Done()
+			for r := range t.work {
+				c.handle(r)
+				t.replies <- r
+			}
+		}()
+	}
+	go func() {
+		defer wg.Done()
+		c.writer()
+	}()
+
+	graceful, err := c.readLoop()
+	if !graceful {
+		// A hard disconnect: cancel in-flight work; replies cannot be
+		// delivered anyway.
+		c.cancel()
+		c.raw.Close()
+	}
+	for range n { // wait for every in-flight request
+		<-t.free
+	}
+	close(t.work)
+	close(t.replies)
+	wg.Wait()
+	if graceful {
+		c.nc.Close() // TLS close_notify, if any
+	}
+	switch {
+	case c.killed.Load():
+		c.log.Debug("nbd: client disconnected by the server")
+	case err != nil:
+		c.log.Warnf("nbd: disconnect client, due to: %v", err)
+	default:
+		c.log.Debug("nbd: client disconnected")
+	}
+}
+
+// readLoop reads requests until NBD_CMD_DISC (graceful), or an error.
+func (c *conn) readLoop() (graceful bool, err error) {
+	t := &c.tx
+	ext := c.mode >= modeExtended
+	hl, magic := requestSize, uint32(magicRequest)
+	if ext {
+		hl, magic = extRequestSize, magicExtRequest
+	}
+	for {
+		r := <-t.free
+		h := t.rhdr[:hl]
+		if _, err := io.ReadFull(t.br, h); err != nil {
+			t.free <- r
+			if err == io.EOF {
+				return false, nil // hung up between requests
+			}
+			return false, err
+		}
+		if m := be.Uint32(h); m != magic {
+			t.free <- r
+			return false, fmt.Errorf("invalid magic (got 0x%08x, expected 0x%08x)", m, magic)
+		}
+		r.flags, r.typ = be.Uint16(h[4:]), be.Uint16(h[6:])
+		r.cookie, r.off = be.Uint64(h[8:]), be.Uint64(h[16:])
+		if ext {
+			r.length = be.Uint64(h[24:])
+		} else {
+			r.length = uint64(be.Uint32(h[24:]))
+		}
+		if r.typ == cmdDisc {
+			t.free <- r
+			return true, nil
+		}
+
+		var payload uint64
+		if r.typ == cmdWrite || (ext && r.flags&cmdFlagPayloadLen != 0) {
+			payload = r.length
+		}
+		if payload > maxPayload {
+			// The payload cannot be buffered: answer, then disconnect
+			// rather than lose sync.
+			r.fail(errInval, "payload too large")
+			t.replies <- r
+			return true, fmt.Errorf("%s payload of %d bytes is larger than max len (%d)", cmdName(r.typ), payload, maxPayload)
+		}
+		if payload > 0 {
+			if r.typ == cmdWrite {
+				r.bufp = getBuf(int(payload))
+				r.buf = *r.bufp
+				if _, err := io.ReadFull(t.br, r.buf); err != nil {
+					c.recycle(r)
+					return false, err
+				}
+			} else {
+				// Only WRITE carries a payload here; consume it to stay in
+				// sync and fail the request on its flag below.
+				if _, err := io.CopyN(io.Discard, t.br, int64(payload)); err != nil {
+					t.free <- r
+					return false, err
+				}
+				r.length = 0
+			}
+		}
+		if errno, msg := c.validate(r); errno != 0 {
+			r.fail(errno, msg)
+			t.replies <- r
+			continue
+		}
+		t.work <- r
+	}
+}
+
+// validate checks a request against the export and the negotiation. The
+// error messages are only built on failure.
+func (c *conn) validate(r *request) (uint32, string) {
+	x := c.exp
+	valid := uint16(cmdFlagFUA)
+	checkLen, checkRO := false, false
+	switch r.typ {
+	case cmdRead:
+		if c.mode >= modeStructured {
+			valid |= cmdFlagDF
+		}
+		checkLen = true
+	case cmdWrite:
+		if c.mode >= modeExtended {
+			valid |= cmdFlagPayloadLen
+		}
+		checkRO = true
+	case cmdFlush:
+	case cmdTrim:
+		checkRO = true
+	case cmdCache:
+		checkLen = true
+	case cmdWriteZeroes:
+		valid |= cmdFlagNoHole | cmdFlagFastZero
+		checkRO = true
+	case cmdBlockStatus:
+		valid |= cmdFlagReqOne
+	default:
+		return errInval, fmt.Sprintf("invalid request type (%d) received", r.typ)
+	}
+	if checkLen && r.length > maxPayload {
+		return errInval, fmt.Sprintf("len (%d) is larger than max len (%d)", r.length, maxPayload)
+	}
+	if checkRO && x.ro {
+		return errPerm, "export is read-only"
+	}
+	if r.off > c.size || r.length > c.size-r.off {
+		errno := uint32(errInval)
+		if r.typ == cmdWrite || r.typ == cmdWriteZeroes {
+			errno = errNoSpc
+		}
+		return errno, fmt.Sprintf("operation past EOF; From: %d, Len: %d, Size: %d", r.off, r.length, c.size)
+	}
+	if a := c.checkAlign; a > 1 && r.typ != cmdFlush &&
+		(r.off%a != 0 || (r.length%a != 0 && r.off+r.length != c.size)) {
+		return errInval, fmt.Sprintf("request not aligned to %d bytes; From: %d, Len: %d", a, r.off, r.length)
+	}
+	if r.flags&^valid != 0 {
+		return errInval, fmt.Sprintf("unsupported flags for command %s (got 0x%x)", cmdName(r.typ), r.flags)
+	}
+	if r.typ == cmdBlockStatus {
+		if !c.metaBase {
+			return errInval, "CMD_BLOCK_STATUS not negotiated"
+		}
+		if r.length == 0 {
+			return errInval, "need non-zero length"
+		}
+	}
+	return 0, ""
+}
+
+// handle performs a validated request on the node (on a worker).
+func (c *conn) handle(r *request) {
+	x, ctx := c.exp, c.ctx
+	off := int64(r.off)
+	var err error
+	var msg string
+	switch r.typ {
+	case cmdRead:
+		err, msg = c.read(r), "reading from file failed"
+	case cmdWrite:
+		var f graph.ReqFlags
+		if r.flags&cmdFlagFUA != 0 {
+			f = graph.FUA
+		}
+		err, msg = c.writeAt(r.buf, off, f), "writing to file failed"
+	case cmdFlush:
+		err, msg = x.node.Flush(ctx), "flush failed"
+	case cmdTrim:
+		err, msg = c.trim(r), "discard failed"
+	case cmdWriteZeroes:
+		err, msg = c.zero(r), "writing to file failed"
+	case cmdCache:
+		if x.cacher != nil {
+			err, msg = x.cacher.Cache(ctx, off, int64(r.length)), "caching data failed"
+		}
+	case cmdBlockStatus:
+		err, msg = c.blockStatus(r), "can't get block status"
+	}
+	if err != nil {
+		r.chunks = r.chunks[:0]
+		r.fail(nbdErrno(err), msg)
+		if c.ctx.Err() == nil {
+			c.log.Debugf("nbd: %s at %d+%d failed: %v", cmdName(r.typ), r.off, r.length, err)
+		}
+	}
+}
+
+func (c *conn) readAt(p []byte, off int64) error {
+	mt := c.exp.maxTransfer
+	for len(p) > 0 {
+		k := int(min(int64(len(p)), mt))
+		if err := c.exp.node.ReadAt(c.ctx, p[:k], off); err != nil {
+			return err
+		}
+		p, off = p[k:], off+int64(k)
+	}
+	return nil
+}
+
+func (c *conn) writeAt(p []byte, off int64, f graph.ReqFlags) error {
+	mt := c.exp.maxTransfer
+	for len(p) > 0 {
+		k := int(min(int64(len(p)), mt))
+		if err := c.exp.node.WriteAt(c.ctx, p[:k], off, f); err != nil {
+			return err
+		}
+		p, off = p[k:], off+int64(k)
+	}
+	return nil
+}
+
+// read fills r.buf and describes the reply: one data chunk, or data and
+// hole chunks following block status for large structured reads.
+func (c *conn) read(r *request) error {
+	x := c.exp
+	if r.flags&cmdFlagFUA != 0 {
+		if err := x.node.Flush(c.ctx); err != nil {
+			return err
+		}
+	}
+	n := int(r.length)
+	if n == 0 {
+		return nil
+	}
+	r.bufp = getBuf(n)
+	r.buf = *r.bufp
+	if c.mode >= modeStructured && r.flags&cmdFlagDF == 0 && x.bs != nil && n >= sparseReadMin {
+		return c.sparseRead(r)
+	}
+	if err := c.readAt(r.buf, int64(r.off)); err != nil {
+		return err
+	}
+	if c.mode >= modeStructured {
+		r.chunks = append(r.chunks[:0], chunk{typ: replyTypeOffsetData, off: r.off, data: r.buf})
+	}
+	return nil
+}
+
+// addRun appends a data or hole run to r.chunks, merging with the last one.
+func (r *request) addRun(hole bool, off uint64, n uint64) {
+	typ := uint16(replyTypeOffsetData)
+	if hole {
+		typ = replyTypeOffsetHole
+	}
+	if k := len(r.chunks); k > 0 {
+		last := &r.chunks[k-1]
+		if last.typ == typ {
+			last.hole += uint32(n)
+			return
+		}
+	}
+	r.chunks = append(r.chunks, chunk{typ: typ, off: off, hole: uint32(n)})
+}
+
+func (c *conn) sparseRead(r *request) error {
+	x := c.exp
+	r.chunks = r.chunks[:0]
+	pos, end := int64(r.off), int64(r.off+r.length)
+	for pos < end {
+		exts, err := x.bs.BlockStatus(c.ctx, pos, end-pos)
+		if err != nil || len(exts) == 0 {
+			break // read the rest as data
+		}
+		progress := false
+		for _, e := range exts {
+			l := min(e.Length, end-pos)
+			if l <= 0 {
+				break
+			}
+			r.addRun(e.Flags&graph.ExtentZero != 0, uint64(pos), uint64(l))
+			pos += l
+			progress = true
+			if pos >= end {
+				break
+			}
+		}
+		if !progress {
+			break
+		}
+	}
+	if pos < end {
+		r.addRun(false, uint64(pos), uint64(end-pos))
+	}
+	// Read the data runs; the hole runs are never read.
+	for i := range r.chunks {
+		ch := &r.chunks[i]
+		if ch.typ != replyTypeOffsetData {
+			continue
+		}
+		rel := ch.off - r.off
+		ch.data = r.buf[rel : rel+uint64(ch.hole)]
+		ch.hole = 0
+		if err := c.readAt(ch.data, int64(ch.off)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c *conn) trim(r *request) error {
+	x := c.exp
+	if x.discarder != nil {
+		err := x.discarder.Discard(c.ctx, int64(r.off), int64(r.length))
+		if err != nil && !errors.Is(err, graph.ErrNotSupported) {
+			return err
+		}
+	}
+	if r.flags&cmdFlagFUA != 0 {
+		return x.node.Flush(c.ctx)
+	}
+	return nil
+}
+
+func (c *conn) zero(r *request) error {
+	x := c.exp
+	var f graph.ReqFlags
+	if r.flags&cmdFlagFUA != 0 {
+		f |= graph.FUA
+	}
+	if r.flags&cmdFlagNoHole == 0 {
+		f |= graph.MayUnmap
+	}
+	if r.flags&cmdFlagFastZero != 0 {
+		f |= graph.NoFallback
+	}
+	off, n := int64(r.off), int64(r.length)
+	if x.zeroer != nil {
+		err := x.zeroer.WriteZeroes(c.ctx, off, n, f)
+		if err == nil || f&graph.NoFallback != 0 || !errors.Is(err, graph.ErrNotSupported) {
+			return err
+		}
+	} else if f&graph.NoFallback != 0 {
+		return graph.ErrNotSupported
+	}
+	// No fast path: write zero buffers.
+	step := min(int64(len(zeroBuf)), x.maxTransfer)
+	for n > 0 {
+		k := min(n, step)
+		if err := x.node.WriteAt(c.ctx, zeroBuf[:k], off, f&graph.FUA); err != nil {
+			return err
+		}
+		off, n = off+k, n-k
+	}
+	return nil
+}
+
+func nbdState(f graph.ExtentFlags) uint32 {
+	var s uint32
+	if f&graph.ExtentHole != 0 {
+		s |= stateHole
+	}
+	if f&graph.ExtentZero != 0 {
+		s |= stateZero
+	}
+	return s
+}
+
+// blockStatus answers base:allocation for the request range. Nodes
+// without graph.BlockStatuser report everything as allocated data.
+func (c *conn) blockStatus(r *request) error {
+	x := c.exp
+	ext := c.mode >= modeExtended
+	reqOne := r.flags&cmdFlagReqOne != 0
+	pos, end := int64(r.off), int64(r.off+r.length)
+	es := r.exts[:0]
+	if x.bs == nil {
+		es = append(es, graph.Extent{Length: end - pos})
+	}
+	for x.bs != nil && pos < end && len(es) < maxExtents {
+		got, err := x.bs.BlockStatus(c.ctx, pos, end-pos)
+		if err != nil {
+			if len(es) > 0 {
+				break
+			}
+			return err
+		}
+		progress := false
+		for _, e := range got {
+			l := min(e.Length, end-pos)
+			if l <= 0 {
+				break
+			}
+			k := len(es)
+			if k > 0 && nbdState(es[k-1].Flags) == nbdState(e.Flags) &&
+				(ext || es[k-1].Length+l <= math.MaxUint32) {
+				es[k-1].Length += l
+			} else if reqOne && k > 0 || k >= maxExtents {
+				pos = end // done
+				break
+			} else {
+				es = append(es, graph.Extent{Length: l, Flags: e.Flags})
+			}
+			pos += l
+			progress = true
+		}
+		if !progress {
+			if len(es) > 0 {
+				break
+			}
+			return fmt.Errorf("block status made no progress at %d: %w", pos, graph.ErrCorrupt)
+		}
+		if reqOne {
+			break
+		}
+	}
+	r.exts = es
+
+	b := r.status[:0]
+	typ := uint16(replyTypeBlockStatus)
+	if ext {
+		typ = replyTypeBlockStatusEx
+		b = be.AppendUint32(b, metaIDBaseAllocation)
+		b = be.AppendUint32(b, uint32(len(es)))
+		for _, e := range es {
+			b = be.AppendUint64(b, uint64(e.Length))
+			b = be.AppendUint64(b, uint64(nbdState(e.Flags)))
+		}
+	} else {
+		b = be.AppendUint32(b, metaIDBaseAllocation)
+		for _, e := range es {
+			b = be.AppendUint32(b, uint32(e.Length))
+			b = be.AppendUint32(b, nbdState(e.Flags))
+		}
+	}
+	r.status = b
+	r.chunks = append(r.chunks[:0], chunk{typ: typ, data: b})
+	return nil
+}
+
+// recycle returns a request to the free list.
+func (c *conn) recycle(r *request) {
+	putBuf(r.bufp)
+	r.bufp, r.buf = nil, nil
+	r.errno, r.msg = 0, ""
+	r.chunks = r.chunks[:0]
+	c.tx.free <- r
+}
+
+// writer sends replies, flushing when none is waiting.
+func (c *conn) writer() {
+	t := &c.tx
+	for {
+		var r *request
+		var ok bool
+		select {
+		case r, ok = <-t.replies:
+		default:
+			if t.werr == nil && t.bw.Buffered() > 0 {
+				if err := t.bw.Flush(); err != nil {
+					c.writeFailed(err)
+				}
+			}
+			r, ok = <-t.replies
+		}
+		if !ok {
+			if t.werr == nil {
+				if err := t.bw.Flush(); err != nil {
+					c.writeFailed(err)
+				}
+			}
+			return
+		}
+		if t.werr == nil {
+			if err := c.writeReply(r); err != nil {
+				c.writeFailed(err)
+			}
+		}
+		c.recycle(r)
+	}
+}
+
+// writeFailed records a write error and disconnects: the reader fails next.
+func (c *conn) writeFailed(err error) {
+	c.tx.werr = err
+	c.cancel()
+	c.raw.Close()
+}
+
+// writeReply encodes one reply.
+func (c *conn) writeReply(r *request) error {
+	t := &c.tx
+	switch {
+	case c.mode < modeStructured:
+		h := t.whdr[:simpleReplySize]
+		be.PutUint32(h[0:], magicSimpleReply)
+		be.PutUint32(h[4:], r.errno)
+		be.PutUint64(h[8:], r.cookie)
+		t.bw.Write(h)
+		if r.errno == 0 && r.typ == cmdRead {
+			_, err := t.bw.Write(r.buf)
+			return err
+		}
+		return nil
+	case r.errno != 0:
+		msg := r.msg
+		if len(msg) > maxString {
+			msg = msg[:maxString]
+		}
+		hl := c.chunkHeader(r, replyFlagDone, replyTypeError, uint64(6+len(msg)))
+		h := t.whdr[:hl+6]
+		be.PutUint32(h[hl:], r.errno)
+		be.PutUint16(h[hl+4:], uint16(len(msg)))
+		t.bw.Write(h)
+		_, err := t.bw.WriteString(msg)
+		return err
+	case len(r.chunks) > 0:
+		for i := range r.chunks {
+			ch := &r.chunks[i]
+			var flags uint16
+			if i == len(r.chunks)-1 {
+				flags = replyFlagDone
+			}
+			switch ch.typ {
+			case replyTypeOffsetData:
+				hl := c.chunkHeader(r, flags, ch.typ, uint64(8+len(ch.data)))
+				h := t.whdr[:hl+8]
+				be.PutUint64(h[hl:], ch.off)
+				t.bw.Write(h)
+				t.bw.Write(ch.data)
+			case replyTypeOffsetHole:
+				hl := c.chunkHeader(r, flags, ch.typ, 12)
+				h := t.whdr[:hl+12]
+				be.PutUint64(h[hl:], ch.off)
+				be.PutUint32(h[hl+8:], ch.hole)
+				t.bw.Write(h)
+			default: // block status
+				hl := c.chunkHeader(r, flags, ch.typ, uint64(len(ch.data)))
+				t.bw.Write(t.whdr[:hl])
+				t.bw.Write(ch.data)
+			}
+		}
+		return nil
+	case c.mode >= modeExtended || r.typ == cmdRead:
+		hl := c.chunkHeader(r, replyFlagDone, replyTypeNone, 0)
+		_, err := t.bw.Write(t.whdr[:hl])
+		return err
+	default:
+		h := t.whdr[:simpleReplySize]
+		be.PutUint32(h[0:], magicSimpleReply)
+		be.PutUint32(h[4:], 0)
+		be.PutUint64(h[8:], r.cookie)
+		_, err := t.bw.Write(h)
+		return err
+	}
+}
+
+// chunkHeader encodes a structured or extended chunk header into the
+// writer scratch and returns its length.
+func (c *conn) chunkHeader(r *request, flags, typ uint16, length uint64) int {
+	h := c.tx.whdr[:]
+	if c.mode >= modeExtended {
+		be.PutUint32(h[0:], magicExtReply)
+		be.PutUint16(h[4:], flags)
+		be.PutUint16(h[6:], typ)
+		be.PutUint64(h[8:], r.cookie)
+		be.PutUint64(h[16:], r.off)
+		be.PutUint64(h[24:], length)
+		return extReplySize
+	}
+	be.PutUint32(h[0:], magicStructReply)
+	be.PutUint16(h[4:], flags)
+	be.PutUint16(h[6:], typ)
+	be.PutUint64(h[8:], r.cookie)
+	be.PutUint32(h[16:], uint32(length))
+	return structReplySize
+}

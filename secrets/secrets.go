@@ -1,0 +1,312 @@
+// Package secrets holds QEMU "secret" objects: named byte strings, such as
+// LUKS passphrases, that other objects refer to by id.
+//
+// Semantics and error texts follow QEMU 7.2 (crypto/secret_common.c,
+// crypto/secret.c): the data comes from exactly one of data or file, may be
+// base64-encoded, and may be AES-256-CBC encrypted with another secret as
+// the key (libvirt's form). Everything is decoded and decrypted when the
+// secret is added.
+//
+// Secret bytes never appear in errors. The store keeps its own copies, hands
+// out copies that the caller should wipe when done, and wipes its copy when
+// a secret is deleted.
+package secrets
+
+import (
+	"bytes"
+	"crypto/aes"
+	"crypto/cipher"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"sync"
+	"unicode/utf8"
+)
+
+// Options are the QMP properties of a "secret" object (SecretProperties).
+type Options struct {
+	// ID is the object id; it must be an identifier (a letter, then
+	// letters, digits, '-', '.', '_').
+	ID string `json:"id"`
+	// Data is the secret itself; exactly one of Data and File is set.
+	Data *string `json:"data,omitempty"`
+	// File names a file holding the secret; it is read whole.
+	File *string `json:"file,omitempty"`
+	// Format is "raw" (the default when empty) or "base64". With KeyID it
+	// applies to the ciphertext.
+	Format string `json:"format,omitempty"`
+	// KeyID names the secret whose 32 bytes are the AES-256-CBC key that
+	// decrypts the data. Empty means the data is not encrypted.
+	KeyID string `json:"keyid,omitempty"`
+	// IV is the base64 of the 16-byte CBC IV; required with KeyID.
+	IV string `json:"iv,omitempty"`
+	// Loaded is the deprecated read-only "loaded" property. QEMU 7.2
+	// rejects any value for it.
+	Loaded *bool `json:"loaded,omitempty"`
+}
+
+// Sentinel errors, for errors.Is. The errors themselves carry QEMU's texts.
+var (
+	// ErrNotFound: no secret has the given id.
+	ErrNotFound = errors.New("secret not found")
+	// ErrExists: the id is already in use.
+	ErrExists = errors.New("secret id already in use")
+)
+
+// qemuError is an error with QEMU's text that matches a sentinel.
+type qemuError struct {
+	msg  string
+	kind error
+}
+
+func (e *qemuError) Error() string { return e.msg }
+func (e *qemuError) Unwrap() error { return e.kind }
+
+func notFound(id string) error {
+	return &qemuError{msg: fmt.Sprintf("No secret with id '%s'", id), kind: ErrNotFound}
+}
+
+// Store is a set of secrets by id. The zero Store is empty and ready to
+// use; a Store is safe for concurrent use and must not be copied.
+type Store struct {
+	// mu protects secrets and pending. It is never held while a file is
+	// read, so a slow file cannot block lookups.
+	mu sync.RWMutex
+	// secrets maps an id to the store's private copy of the secret bytes;
+	// the slices never leave the package.
+	secrets map[string][]byte
+	// pending holds the ids of secrets being added: reserved, as QEMU
+	// adds the object before loading it, but without data yet.
+	pending map[string]bool
+}
+
+// Add loads a secret and adds it under o.ID. Checks and their texts follow
+// QEMU's order: the format value, the id, the read-only "loaded" property,
+// a duplicate id, then the data (source, file, base64, decryption).
+func (s *Store) Add(o Options) error {
+	base64 := false
+	switch o.Format {
+	case "", "raw":
+	case "base64":
+		base64 = true
+	default:
+		return fmt.Errorf("Parameter 'format' does not accept value '%s'", o.Format)
+	}
+	if !idWellFormed(o.ID) {
+		return errors.New("Parameter 'id' expects an identifier")
+	}
+	if o.Loaded != nil {
+		return errors.New("Property 'secret.loaded' is not writable")
+	}
+
+	s.mu.Lock()
+	if _, ok := s.secrets[o.ID]; ok || s.pending[o.ID] {
+		s.mu.Unlock()
+		return &qemuError{
+			msg:  fmt.Sprintf("attempt to add duplicate property '%s' to object (type 'container')", o.ID),
+			kind: ErrExists,
+		}
+	}
+	if s.pending == nil {
+		s.pending = make(map[string]bool)
+	}
+	s.pending[o.ID] = true
+	s.mu.Unlock()
+
+	data, err := s.load(o, base64)
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.pending, o.ID)
+	if err != nil {
+		return err
+	}
+	if s.secrets == nil {
+		s.secrets = make(map[string][]byte)
+	}
+	s.secrets[o.ID] = data
+	return nil
+}
+
+// load reads, decodes and decrypts the secret described by o.
+func (s *Store) load(o Options, base64 bool) ([]byte, error) {
+	var input []byte
+	switch {
+	case o.File != nil && o.Data != nil:
+		return nil, errors.New("'file' and 'data' are mutually exclusive")
+	case o.File != nil:
+		b, err := readFile(cString(*o.File))
+		if err != nil {
+			return nil, fmt.Errorf("Unable to read %s: %w", cString(*o.File), err)
+		}
+		input = b
+	case o.Data != nil:
+		input = []byte(cString(*o.Data))
+	default:
+		return nil, errors.New("Either 'file' or 'data' must be provided")
+	}
+
+	if o.KeyID != "" {
+		out, err := s.decrypt(cString(o.KeyID), cString(o.IV), input, base64)
+		clear(input)
+		return out, err
+	}
+	if base64 {
+		out, err := qbase64Decode(input, true)
+		clear(input)
+		return out, err
+	}
+	return input, nil
+}
+
+// decrypt is QEMU's qcrypto_secret_decrypt: AES-256-CBC with the secret
+// keyID as the key, then QEMU's padding check.
+func (s *Store) decrypt(keyID, iv string, input []byte, base64 bool) ([]byte, error) {
+	key, err := s.lookup(keyID)
+	if err != nil {
+		return nil, err
+	}
+	defer clear(key)
+	if len(key) != 32 {
+		return nil, errors.New("Key should be 32 bytes in length")
+	}
+	if iv == "" {
+		return nil, errors.New("IV is required to decrypt secret")
+	}
+	ivBytes, err := qbase64Decode([]byte(iv), false)
+	if err != nil {
+		return nil, err
+	}
+	if len(ivBytes) != aes.BlockSize {
+		return nil, fmt.Errorf("IV should be 16 bytes in length not %d", len(ivBytes))
+	}
+	block, err := aes.NewCipher(key)
+	if err != nil {
+		return nil, err
+	}
+
+	ciphertext := input
+	if base64 {
+		ciphertext, err = qbase64Decode(input, true)
+		if err != nil {
+			return nil, err
+		}
+		defer clear(ciphertext)
+	}
+	if len(ciphertext)%aes.BlockSize != 0 {
+		return nil, fmt.Errorf("Length %d must be a multiple of block size %d", len(ciphertext), aes.BlockSize)
+	}
+	if len(ciphertext) == 0 {
+		// QEMU reads the padding byte before its buffer here; with
+		// glibc's allocator that byte is 0, so the secret is empty.
+		return []byte{}, nil
+	}
+	plaintext := make([]byte, len(ciphertext))
+	cipher.NewCBCDecrypter(block, ivBytes).CryptBlocks(plaintext, ciphertext)
+
+	// Like QEMU, check only the last byte: at most one block of padding,
+	// and 0 is accepted. The value is in QEMU's message; with a correct
+	// key and IV it is padding, not secret data.
+	pad := int(plaintext[len(plaintext)-1])
+	if pad > aes.BlockSize || pad > len(plaintext) {
+		clear(plaintext)
+		return nil, fmt.Errorf("Incorrect number of padding bytes (%d) found on decrypted data", pad)
+	}
+	n := len(plaintext) - pad
+	clear(plaintext[n:])
+	return plaintext[:n:n], nil
+}
+
+// lookup returns a copy of a secret, with QEMU's qcrypto_secret_lookup
+// errors.
+func (s *Store) lookup(id string) ([]byte, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	b, ok := s.secrets[id]
+	if !ok {
+		if s.pending[id] {
+			return nil, fmt.Errorf("Secret with id '%s' has no data", id)
+		}
+		return nil, notFound(id)
+	}
+	return bytes.Clone(b), nil
+}
+
+// Get returns a copy of the secret's bytes. The caller owns the copy and
+// should wipe it (clear) when done.
+func (s *Store) Get(id string) ([]byte, error) {
+	return s.lookup(id)
+}
+
+// GetUTF8 is Get for users that need text, such as LUKS passphrases
+// (QEMU's qcrypto_secret_lookup_as_utf8): the secret must be valid UTF-8
+// without NUL bytes.
+func (s *Store) GetUTF8(id string) ([]byte, error) {
+	b, err := s.lookup(id)
+	if err != nil {
+		return nil, err
+	}
+	if !utf8.Valid(b) || bytes.IndexByte(b, 0) >= 0 {
+		clear(b)
+		return nil, fmt.Errorf("Data from secret %s is not valid UTF-8", id)
+	}
+	return b, nil
+}
+
+// Delete removes a secret and wipes the store's copy. Copies handed out by
+// Get are not affected. Like QEMU, deleting a secret that something still
+// uses succeeds.
+func (s *Store) Delete(id string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	b, ok := s.secrets[id]
+	if !ok {
+		return &qemuError{msg: fmt.Sprintf("object '%s' not found", id), kind: ErrNotFound}
+	}
+	clear(b)
+	delete(s.secrets, id)
+	return nil
+}
+
+// Has reports whether a secret with the id exists.
+func (s *Store) Has(id string) bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	_, ok := s.secrets[id]
+	return ok
+}
+
+// IDs returns the ids of all secrets, sorted.
+func (s *Store) IDs() []string {
+	s.mu.RLock()
+	ids := make([]string, 0, len(s.secrets))
+	for id := range s.secrets {
+		ids = append(ids, id)
+	}
+	s.mu.RUnlock()
+	sort.Strings(ids)
+	return ids
+}
+
+// idWellFormed is QEMU's id_wellformed.
+func idWellFormed(id string) bool {
+	if id == "" || !isAlpha(id[0]) {
+		return false
+	}
+	for i := 1; i < len(id); i++ {
+		c := id[i]
+		if !isAlpha(c) && !(c >= '0' && c <= '9') && c != '-' && c != '.' && c != '_' {
+			return false
+		}
+	}
+	return true
+}
+
+func isAlpha(c byte) bool { return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' }
+
+// cString returns s as QEMU holds it: its JSON parser stores U+0000 in
+// modified UTF-8 (C0 80), so its C strings never end early.
+func cString(s string) string {
+	return strings.ReplaceAll(s, "\x00", "\xc0\x80")
+}
