@@ -383,11 +383,18 @@ type ChildSpec struct {
 	OnlyWhenNeeded bool
 	// ExtraPerm is taken on top of the derived permissions.
 	ExtraPerm Perm
+	// ReadOnly edges only read and share everything: a detached LUKS
+	// header shared by several luks nodes. Writers attach separately for
+	// the duration of a metadata update.
+	ReadOnly bool
 }
 
 // childPerm computes an edge's permissions from the parent's cumulative
 // permissions, following QEMU's bdrv_default_perms.
 func childPerm(spec ChildSpec, writable bool, perm, shared Perm) (Perm, Perm) {
+	if spec.ReadOnly {
+		return PermRead, PermAll
+	}
 	role := spec.Role
 	switch {
 	case role&RoleCOW != 0:

@@ -17,6 +17,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"blockd/drivers/file"
+	"blockd/drivers/luks"
 	"blockd/drivers/null"
 	"blockd/drivers/raw"
 	"blockd/graph"
@@ -116,7 +117,7 @@ func parseArgs(args []string) ([]opt, error) {
 
 // Drivers returns the block drivers blockd registers.
 func Drivers() []*graph.Driver {
-	return []*graph.Driver{file.Driver(), raw.Driver(), null.Driver()}
+	return []*graph.Driver{file.Driver(), raw.Driver(), null.Driver(), luks.Driver()}
 }
 
 func run(args []string) int {

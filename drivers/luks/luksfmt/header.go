@@ -175,14 +175,16 @@ func (h *Header) KeySize() int {
 }
 
 // HeaderSize returns the size of the metadata region at the start of the
-// header device: the phdr and keyslots for LUKS1 (up to the end of the last
-// keyslot), both header copies and the keyslots area for LUKS2. A detached
-// header device must be at least this large.
+// header device: for LUKS1 the phdr and keyslots up to the end of the last
+// keyslot, rounded up to 4096 bytes (2068480 for QEMU's default layout);
+// for LUKS2 both header copies and the keyslots area. A detached header
+// device must be at least this large; an embedded header's payload may
+// start later (PayloadOffset).
 func (h *Header) HeaderSize() int64 {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
 	if h.v1 != nil {
-		return h.v1.deviceSize()
+		return (h.v1.deviceSize() + 4095) / 4096 * 4096
 	}
 	return int64(h.v2.meta.hdrAndAreasSize())
 }
@@ -391,6 +393,9 @@ func (h *Header) AddKey(w io.WriterAt, key []byte, slot int, passphrase []byte, 
 	if err != nil {
 		return -1, err
 	}
+	if err := v1.checkUnchanged(w); err != nil {
+		return -1, err
+	}
 	s, err := v1.storeSlot(w, slot, key, passphrase, p)
 	if err != nil {
 		return -1, err
@@ -426,6 +431,9 @@ func (h *Header) killSlots(w io.WriterAt, slots []int) error {
 		if n.slots[slot].active != luks1Enabled {
 			return fmt.Errorf("%w: keyslot %d", ErrSlotInactive, slot)
 		}
+	}
+	if err := h.v1.checkUnchanged(w); err != nil {
+		return err
 	}
 	for _, slot := range slots {
 		if err := n.wipeSlotArea(w, slot); err != nil {

@@ -326,6 +326,24 @@ func (h *luks1Header) clone() *luks1Header {
 	return &c
 }
 
+// checkUnchanged refuses to update a header that changed on disk since it
+// was read (another program or another Header on the same device), if w can
+// also read.
+func (h *luks1Header) checkUnchanged(w io.WriterAt) error {
+	r, ok := w.(io.ReaderAt)
+	if !ok {
+		return nil
+	}
+	b := make([]byte, luks1PhdrLen)
+	if err := readFull(r, b, 0); err != nil {
+		return fmt.Errorf("reading luks1 header: %w", err)
+	}
+	if !bytes.Equal(b, h.marshal()[:luks1PhdrLen]) {
+		return ErrConcurrentUpdate
+	}
+	return nil
+}
+
 // wipeSlotArea overwrites keyslot i's material with random bytes.
 func (h *luks1Header) wipeSlotArea(w io.WriterAt, i int) error {
 	off := int64(h.slots[i].offset) * sectorSize

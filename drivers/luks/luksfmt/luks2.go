@@ -278,16 +278,8 @@ func (h *luks2Header) writeMeta(w io.WriterAt, m *luks2Meta) error {
 	if err != nil {
 		return err
 	}
-	if r, ok := w.(io.ReaderAt); ok && h.states[0] == CopyOK {
-		b := make([]byte, 512)
-		if err := readFull(r, b, 0); err != nil {
-			return fmt.Errorf("reading luks2 header: %w", err)
-		}
-		if bytes.Equal(b[:6], luksMagic) && binary.BigEndian.Uint16(b[off2Version:]) == 2 &&
-			cString(b[off2UUID:off2UUID+luks2UUIDLen-1]) == h.bin.uuid &&
-			binary.BigEndian.Uint64(b[off2Seqid:]) != h.bin.seqid {
-			return ErrConcurrentUpdate
-		}
+	if err := h.checkSeqid(w); err != nil {
+		return err
 	}
 	b := h.bin
 	b.seqid++
@@ -302,6 +294,27 @@ func (h *luks2Header) writeMeta(w io.WriterAt, m *luks2Meta) error {
 	h.rawArea = area
 	h.states = [2]CopyState{CopyOK, CopyOK}
 	h.problems = [2]error{}
+	return nil
+}
+
+// checkSeqid refuses to update a header that another program changed since
+// it was read: if w can also read, the primary copy's sequence id on disk
+// must still be the one in memory (cryptsetup's LUKS2_check_sequence_id).
+// Updates call it before their first write.
+func (h *luks2Header) checkSeqid(w io.WriterAt) error {
+	r, ok := w.(io.ReaderAt)
+	if !ok || h.states[0] != CopyOK {
+		return nil
+	}
+	b := make([]byte, 512)
+	if err := readFull(r, b, 0); err != nil {
+		return fmt.Errorf("reading luks2 header: %w", err)
+	}
+	if bytes.Equal(b[:6], luksMagic) && binary.BigEndian.Uint16(b[off2Version:]) == 2 &&
+		cString(b[off2UUID:off2UUID+luks2UUIDLen-1]) == h.bin.uuid &&
+		binary.BigEndian.Uint64(b[off2Seqid:]) != h.bin.seqid {
+		return ErrConcurrentUpdate
+	}
 	return nil
 }
 
@@ -339,6 +352,9 @@ func (h *luks2Header) addKey(w io.WriterAt, key []byte, id int, pass []byte, opt
 	if _, err := m.jsonArea(); err != nil {
 		return -1, err
 	}
+	if err := h.checkSeqid(w); err != nil {
+		return -1, err
+	}
 	if err := h.storeArea(w, key, pass, kdf, afHash, off); err != nil {
 		return -1, err
 	}
@@ -370,6 +386,9 @@ func (h *luks2Header) killSlots(w io.WriterAt, ids []int) error {
 		}
 	}
 	if m, err = m.clone(); err != nil {
+		return err
+	}
+	if err := h.checkSeqid(w); err != nil {
 		return err
 	}
 	for _, s := range wipe {
@@ -404,6 +423,12 @@ func (h *luks2Header) changeKey(w io.WriterAt, s *luks2Keyslot, key, pass []byte
 	}
 	m.keyslots.setObj(sid, ko)
 	if m, err = m.clone(); err != nil {
+		return err
+	}
+	if _, err := m.jsonArea(); err != nil {
+		return err
+	}
+	if err := h.checkSeqid(w); err != nil {
 		return err
 	}
 	if err := h.storeArea(w, key, pass, kdf, afHash, off); err != nil {

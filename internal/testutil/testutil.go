@@ -1,0 +1,48 @@
+// Package testutil has helpers shared by blockd's tests.
+package testutil
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+// NeedTool returns the path of a peer tool. When it is missing the test is
+// skipped, except under CI=true, where a missing peer is a failure.
+func NeedTool(t testing.TB, name string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("peer tool %s is missing (CI=true): %v", name, err)
+		}
+		t.Skipf("peer tool %s is missing", name)
+	}
+	return p
+}
+
+// Run runs a command and fails the test with its output on error.
+func Run(t testing.TB, name string, args ...string) string {
+	t.Helper()
+	NeedTool(t, name)
+	out, err := exec.CommandContext(context.Background(), name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// Tree parses JSON into the generic tree the graph and QMP decode.
+func Tree(t testing.TB, s string) map[string]any {
+	t.Helper()
+	d := json.NewDecoder(strings.NewReader(s))
+	d.UseNumber()
+	var v map[string]any
+	if err := d.Decode(&v); err != nil {
+		t.Fatalf("bad JSON %s: %v", s, err)
+	}
+	return v
+}
