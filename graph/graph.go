@@ -68,6 +68,16 @@ type Graph struct {
 	byName  map[string]*BDS
 	autoID  uint64
 	Secrets SecretStore
+	// Events receives events drivers raise (BLOCK_IMAGE_CORRUPTED...);
+	// the daemon forwards them to the QMP monitors. May be nil.
+	Events func(name string, data any)
+}
+
+// Emit raises an event if anyone listens.
+func (g *Graph) Emit(name string, data any) {
+	if g.Events != nil {
+		g.Events(name, data)
+	}
 }
 
 // New returns an empty graph with the given drivers.
@@ -364,6 +374,9 @@ func (o *Opener) Common() *Common { return &o.b.opts.Common }
 
 // ReadOnly reports whether the node is being opened read-only.
 func (o *Opener) ReadOnly() bool { return o.b.readOnly }
+
+// Graph returns the graph the node is opened in (for Emit).
+func (o *Opener) Graph() *Graph { return o.g }
 
 // Secret returns a copy of a secret's bytes; the caller wipes it.
 func (o *Opener) Secret(id string) ([]byte, error) {

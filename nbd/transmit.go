@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"runtime"
 	"sync"
+	"sync/atomic"
 
 	"blockd/graph"
 )
@@ -40,8 +42,9 @@ type txState struct {
 	work    chan *request // validated requests for the workers
 	replies chan *request // finished requests for the writer
 	rhdr    [extRequestSize]byte
-	whdr    [64]byte // writer scratch
-	werr    error    // first write error; writer only
+	whdr    [64]byte     // writer scratch
+	werr    error        // first write error; writer only
+	busy    atomic.Int32 // requests handed to workers and not yet replied
 }
 
 // request is one request and, once handled, its reply.
@@ -93,6 +96,7 @@ func (c *conn) transmit() {
 			defer wg.Done()
 			for r := range t.work {
 				c.handle(r)
+				t.busy.Add(-1)
 				t.replies <- r
 			}
 		}()
@@ -196,6 +200,7 @@ func (c *conn) readLoop() (graceful bool, err error) {
 			t.replies <- r
 			continue
 		}
+		t.busy.Add(1)
 		t.work <- r
 	}
 }
@@ -558,6 +563,16 @@ func (c *conn) writer() {
 		select {
 		case r, ok = <-t.replies:
 		default:
+			if t.busy.Load() > 0 {
+				// Workers are about to queue more replies: give them a
+				// chance so that one write carries several.
+				runtime.Gosched()
+				select {
+				case r, ok = <-t.replies:
+					goto got
+				default:
+				}
+			}
 			if t.werr == nil && t.bw.Buffered() > 0 {
 				if err := t.bw.Flush(); err != nil {
 					c.writeFailed(err)
@@ -565,6 +580,7 @@ func (c *conn) writer() {
 			}
 			r, ok = <-t.replies
 		}
+	got:
 		if !ok {
 			if t.werr == nil {
 				if err := t.bw.Flush(); err != nil {

@@ -50,6 +50,7 @@ func New(log *logrus.Entry, drivers ...*graph.Driver) *Daemon {
 		quit:    make(chan struct{}),
 	}
 	d.QMP.SetQuit(d.Quit)
+	d.Graph.Events = d.QMP.Emit
 	d.registerBlock()
 	d.registerObjects()
 	d.registerNBD()

@@ -10,15 +10,17 @@ import (
 type obj = map[string]any
 type list = []any
 
-func TestParse(t *testing.T) {
-	long := strings.Repeat("a", 127) + "z" // 128 characters
-	tests := []struct {
-		name    string
-		in      string
-		implied string
-		want    obj
-		err     string
-	}{
+var long = strings.Repeat("a", 127) + "z" // 128 characters
+
+type parseTest struct {
+	name    string
+	in      string
+	implied string
+	want    obj
+	err     string
+}
+
+var parseTests = []parseTest{
 		// Cases from QEMU's tests/unit/test-keyval.c (test_keyval_parse).
 		{name: "nothing", in: "", want: obj{}},
 		{name: "empty key", in: "=val", err: "Invalid parameter ''"},
@@ -103,8 +105,10 @@ func TestParse(t *testing.T) {
 		{name: "index replaced", in: "a.0=x,a.0=y", want: obj{"a": list{"y"}}},
 		{name: "unicode value", in: "a=é", want: obj{"a": "é"}},
 		{name: "space in key", in: "a b=1", err: "Invalid parameter 'a b'"},
-	}
-	for _, tt := range tests {
+}
+
+func TestParse(t *testing.T) {
+	for _, tt := range parseTests {
 		t.Run(tt.name, func(t *testing.T) {
 			got, err := Parse(tt.in, tt.implied)
 			check(t, got, err, tt.want, tt.err)
@@ -164,14 +168,16 @@ func TestParseHelp(t *testing.T) {
 	}
 }
 
-func TestParseJSON(t *testing.T) {
-	deep := strings.Repeat(`{"a":`, 1024) + "1" + strings.Repeat("}", 1024)
-	tooDeep := strings.Repeat(`{"a":`, 1025) + "1" + strings.Repeat("}", 1025)
-	tests := []struct {
-		name, in string
-		want     obj
-		err      string
-	}{
+var (
+	deep    = strings.Repeat(`{"a":`, 1024) + "1" + strings.Repeat("}", 1024)
+	tooDeep = strings.Repeat(`{"a":`, 1025) + "1" + strings.Repeat("}", 1025)
+)
+
+var jsonTests = []struct {
+	name, in string
+	want     obj
+	err      string
+}{
 		{name: "object", in: `{"driver":"file","filename":"/x","read-only":true,"size":1024,"f":-1.5e3,"n":null}`,
 			want: obj{"driver": "file", "filename": "/x", "read-only": true, "size": json.Number("1024"), "f": json.Number("-1.5e3"), "n": nil}},
 		{name: "nested", in: `{"file":{"driver":"file"},"bitmaps":["a",{"node":"n","name":"b"}],"e":[]}`,
@@ -200,12 +206,44 @@ func TestParseJSON(t *testing.T) {
 		{name: "key without value", in: `{"a":1,"b"}`, err: "JSON parse error, missing : in object pair"},
 		{name: "error in duplicate's value first", in: `{"a":1,"a":}`, err: "JSON parse error, expecting value"},
 		{name: "list separator", in: `{"a":[1 2]}`, err: "JSON parse error, expected separator in list"},
-		{name: "invalid utf-8", in: "{\"a\":\"\xff\"}", err: "JSON parse error, invalid UTF-8 sequence in string"},
+		{name: "impossible byte", in: "{\"a\":\"\xff\"}", err: "JSON parse error, stray '\"\xff'"},
+		{name: "invalid utf-8", in: "{\"a\":\"\xc3(\"}", err: "JSON parse error, invalid UTF-8 sequence in string"},
+		{name: "overlong utf-8", in: "{\"a\":\"\xc1\xbf\"}", err: "JSON parse error, invalid UTF-8 sequence in string"},
+		{name: "raw noncharacter", in: "{\"a\":\"\xef\xbf\xbf\"}", err: "JSON parse error, invalid UTF-8 sequence in string"},
+		{name: "utf-8", in: `{"a":"é€😀"}`, want: obj{"a": "é€😀"}},
+		{name: "modified utf-8 nul", in: "{\"a\":\"\xc0\x80\"}", want: obj{"a": "\xc0\x80"}},
+		{name: "escaped nul", in: `{"a":"\u0000x"}`, want: obj{"a": "\xc0\x80x"}},
+		{name: "escapes", in: `{"a":"\"\'\\\/\b\f\n\r\t\u00e9\ud83d\ude00"}`, want: obj{"a": "\"'\\/\b\f\n\r\té😀"}},
+		{name: "escaped noncharacter", in: `{"a":"\uFFFF"}`, err: `JSON parse error, \uFFFF is not a valid Unicode character`},
+		{name: "short escape", in: `{"a":"\u12"}`, err: `JSON parse error, \u12" is not a valid Unicode character`},
+		{name: "lone surrogate", in: `{"a":"\ud800"}`, err: `JSON parse error, \ud800 is not a valid Unicode character`},
+		{name: "bad surrogate pair", in: `{"a":"\ud800\u0041"}`, err: `JSON parse error, \ud800 is not a valid Unicode character`},
+		{name: "bad escape", in: `{"a":"\q"}`, err: "JSON parse error, invalid escape sequence in string"},
+		{name: "control character", in: "{\"a\":\"\t\"}", err: "JSON parse error, stray '\"\t'"},
+		{name: "single quotes", in: `{'a':'b"c','d':'\'e'}`, want: obj{"a": `b"c`, "d": "'e"}},
+		{name: "single and double duplicate", in: `{'a':1,"a":2}`, err: "JSON parse error, duplicate key"},
+		{name: "keywords", in: `{"t":true,"f":false,"n":null}`, want: obj{"t": true, "f": false, "n": nil}},
+		{name: "bad keyword", in: `{"a":tru}`, err: "JSON parse error, invalid keyword 'tru'"},
+		{name: "capital keyword", in: `{"a":True}`, err: "JSON parse error, stray 'T'"},
+		{name: "leading zero", in: `{"a":01}`, err: "JSON parse error, stray '01'"},
+		{name: "lone minus", in: `{"a":-}`, err: "JSON parse error, stray '-}'"},
+		{name: "bare dot", in: `{"a":1.}`, err: "JSON parse error, stray '1.}'"},
+		{name: "bare exponent", in: `{"a":1e}`, err: "JSON parse error, stray '1e}'"},
+		{name: "numbers", in: `{"a":-0,"b":0.5,"c":1E+2,"d":-1e-2,"e":123}`,
+			want: obj{"a": json.Number("-0"), "b": json.Number("0.5"), "c": json.Number("1E+2"), "d": json.Number("-1e-2"), "e": json.Number("123")}},
+		{name: "stray after error", in: `{"a":?}`, err: "JSON parse error, stray '?'"},
+		{name: "lexical error wins", in: `{1=2}`, err: "JSON parse error, stray '='"},
+		{name: "interpolation", in: `{"a":%d}`, err: "JSON parse error, stray '%'"},
+		{name: "control character resets", in: "{\"a\":1}\x01", err: "Expecting at most one JSON value"},
+		{name: "nul ends input", in: "{\"a\":1}\x00garbage", want: obj{"a": json.Number("1")}},
+		{name: "unterminated string", in: `{"a`, err: `JSON parse error, stray '"a'`},
 		{name: "max nesting", in: deep, want: nest(1024)},
 		{name: "too deep", in: tooDeep, err: "JSON nesting depth limit exceeded"},
 		{name: "too deep list", in: `{"a":` + strings.Repeat("[", 1024) + strings.Repeat("]", 1024) + "}", err: "JSON nesting depth limit exceeded"},
-	}
-	for _, tt := range tests {
+}
+
+func TestParseJSON(t *testing.T) {
+	for _, tt := range jsonTests {
 		t.Run(tt.name, func(t *testing.T) {
 			got, err := Parse(tt.in, "driver")
 			check(t, got, err, tt.want, tt.err)

@@ -8,6 +8,7 @@ import (
 	"io"
 	"slices"
 	"strconv"
+	"strings"
 )
 
 // luks2Header is an opened LUKS2 header: the binary header fields of the
@@ -100,7 +101,11 @@ func openLUKS2(r io.ReaderAt, devSize int64) (*luks2Header, error) {
 		if e2 == nil {
 			e2 = c2.err
 		}
-		return nil, fmt.Errorf("%w: both luks2 header copies are invalid (primary: %v; secondary: %v)", ErrCorrupt, e, e2)
+		m1, m2 := trimKind(e), trimKind(e2)
+		if m1 == m2 {
+			return nil, fmt.Errorf("%w: %s (both luks2 header copies)", ErrCorrupt, m1)
+		}
+		return nil, fmt.Errorf("%w: both luks2 header copies are invalid (primary: %s; secondary: %s)", ErrCorrupt, m1, m2)
 	}
 	if use.metaErr != nil {
 		return nil, use.metaErr
@@ -133,6 +138,16 @@ func openLUKS2(r io.ReaderAt, devSize int64) (*luks2Header, error) {
 		return nil, fmt.Errorf("%w: header device is too small (luks2 requires at least %d bytes)", ErrCorrupt, need)
 	}
 	return h, nil
+}
+
+// trimKind returns an error's message without the sentinel prefix, for
+// combining the reasons of both header copies.
+func trimKind(err error) string {
+	s := err.Error()
+	for _, k := range []error{ErrCorrupt, ErrUnsupported} {
+		s = strings.TrimPrefix(s, k.Error()+": ")
+	}
+	return s
 }
 
 func primaryMagic(r io.ReaderAt) []byte {

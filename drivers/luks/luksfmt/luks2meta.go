@@ -117,6 +117,17 @@ func parseLUKS2Meta(text []byte, hdrSize uint64) (*luks2Meta, error) {
 		}
 		*sec.dst = o
 	}
+	for _, sec := range []struct {
+		name  string
+		o     *jobject
+		limit int
+	}{{"keyslot", m.keyslots, luks2MaxKeyslots}, {"token", m.tokens, luks2MaxTokens}, {"segment", m.segments, luks2MaxSegments}, {"digest", m.digests, luks2MaxDigests}} {
+		for _, k := range sec.o.keys {
+			if _, ok := idKey(k, sec.limit); !ok {
+				return nil, corruptf("bad %s id %q", sec.name, k)
+			}
+		}
+	}
 	if err := m.parseConfig(hdrSize); err != nil {
 		return nil, err
 	}
