@@ -57,6 +57,15 @@ type Driver struct {
 	// (both nil when it cannot create images).
 	CreateOptions func() any
 	Create        func(ctx context.Context, c *CreateContext, opts any) error
+	// AmendOptions returns a fresh options struct for x-blockdev-amend;
+	// nodes of drivers that set it implement Amender.
+	AmendOptions func() any
+}
+
+// Amender is implemented by nodes whose metadata x-blockdev-amend can
+// change (luks keyslots).
+type Amender interface {
+	Amend(ctx context.Context, opts any, force bool) error
 }
 
 // Opts is a decoded BlockdevOptions: the common members and the driver's.

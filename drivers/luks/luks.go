@@ -33,6 +33,7 @@ func Driver() *graph.Driver {
 		Open:          open,
 		CreateOptions: func() any { return new(CreateOptions) },
 		Create:        create,
+		AmendOptions:  func() any { return new(AmendOptions) },
 	}
 }
 
@@ -76,6 +77,10 @@ type node struct {
 	ivTweak      uint64
 	keySecret    string
 	detached     bool
+	g            *graph.Graph
+	name         string
+	readOnly     bool
+	amendMu      sync.Mutex // serialises keyslot updates
 
 	pool sync.Pool // *[]byte ciphertext buffers of bufSize
 }
@@ -86,7 +91,7 @@ const bufSize = 1 << 20
 
 func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 	opts := v.(*Options)
-	n := &node{}
+	n := &node{g: o.Graph(), name: o.NodeName(), readOnly: o.ReadOnly()}
 	fileRole := graph.RoleData | graph.RoleMetadata | graph.RolePrimary
 	if opts.Header != nil {
 		fileRole = graph.RoleData | graph.RolePrimary

@@ -11,6 +11,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"blockd/graph"
+	"blockd/internal/job"
 	"blockd/internal/qapi"
 	"blockd/qmp"
 	"blockd/secrets"
@@ -26,6 +27,7 @@ type Daemon struct {
 	Graph   *graph.Graph
 	Secrets *secrets.Store
 	QMP     *qmp.Server
+	Jobs    *job.Manager
 
 	// mu protects objects, tls and nbd.
 	mu      sync.Mutex
@@ -49,6 +51,9 @@ func New(log *logrus.Entry, drivers ...*graph.Driver) *Daemon {
 		tls:     map[string]*tlsObject{},
 		quit:    make(chan struct{}),
 	}
+	d.Jobs = job.NewManager(d.QMP.Emit)
+	job.RegisterQMP(d.QMP, d.Jobs)
+	d.registerJobs()
 	d.QMP.SetQuit(d.Quit)
 	d.Graph.Events = d.QMP.Emit
 	d.registerBlock()
@@ -66,6 +71,7 @@ func (d *Daemon) Done() <-chan struct{} { return d.quit }
 // Close shuts everything down: monitors, exports, nodes.
 func (d *Daemon) Close() {
 	_ = d.QMP.Close()
+	d.Jobs.Close()
 	d.mu.Lock()
 	if d.nbd != nil {
 		_ = d.stopNBD()

@@ -46,3 +46,10 @@ func Tree(t testing.TB, s string) map[string]any {
 	}
 	return v
 }
+
+// RunErr runs a peer tool (which must exist) and returns its output and
+// error without failing the test.
+func RunErr(name string, args ...string) (string, error) {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	return string(out), err
+}

@@ -1,0 +1,218 @@
+package luks
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"blockd/drivers/luks/luksfmt"
+	"blockd/graph"
+)
+
+type keyslotState string
+
+func (keyslotState) EnumValues() []string { return []string{"active", "inactive"} }
+
+// AmendOptions is QCryptoBlockAmendOptionsLUKS, plus blockd's pbkdf
+// extension for the new keyslot (LUKS2).
+type AmendOptions struct {
+	State     keyslotState `json:"state"`
+	NewSecret *string      `json:"new-secret,omitempty"`
+	OldSecret *string      `json:"old-secret,omitempty"`
+	Keyslot   *int64       `json:"keyslot,omitempty"`
+	IterTime  *int64       `json:"iter-time,omitempty"`
+	Secret    *string      `json:"secret,omitempty"`
+	PBKDF     *pbkdfAlg    `json:"pbkdf,omitempty"`
+}
+
+// metaWriter returns a writer for the LUKS metadata and a release function.
+// A detached header is shared read-only by its luks nodes, so keyslot
+// updates attach to it with write permission for their duration.
+func (n *node) metaWriter(ctx context.Context) (ChildIO, func(), error) {
+	if n.header == nil {
+		return ChildIO{Ctx: ctx, Child: n.file, Flags: graph.FUA}, func() {}, nil
+	}
+	hb := n.header.BDS()
+	c, err := n.g.NewBackend(hb.Name(), fmt.Sprintf("node '%s' (updating its LUKS header)", n.name), graph.PermRead|graph.PermWrite|graph.PermResize, graph.PermRead|graph.PermWriteUnchanged)
+	if err != nil {
+		return ChildIO{}, nil, err
+	}
+	return ChildIO{Ctx: ctx, Child: c, Flags: graph.FUA}, func() { n.g.ReleaseBackend(c) }, nil
+}
+
+func (n *node) secret(id string) ([]byte, error) {
+	if n.g.Secrets == nil {
+		return nil, fmt.Errorf("No secret with id '%s'", id)
+	}
+	return n.g.Secrets.Get(id)
+}
+
+// Amend adds or erases keyslots with QEMU's x-blockdev-amend semantics.
+func (n *node) Amend(ctx context.Context, v any, force bool) error {
+	o := v.(*AmendOptions)
+	n.amendMu.Lock()
+	defer n.amendMu.Unlock()
+	if n.readOnly {
+		return errors.New("Block node is read-only")
+	}
+	if o.State == "active" {
+		return n.addKeyslot(ctx, o, force)
+	}
+	return n.eraseKeyslots(ctx, o, force)
+}
+
+func (n *node) addKeyslot(ctx context.Context, o *AmendOptions, force bool) error {
+	if o.NewSecret == nil {
+		return errors.New("'new-secret' is required to activate a keyslot")
+	}
+	if o.OldSecret != nil {
+		return errors.New("'old-secret' must not be given when activating keyslots")
+	}
+	max := n.hdr.MaxSlots()
+	slot := luksfmt.AnySlot
+	active := map[int]bool{}
+	for _, s := range n.hdr.ActiveSlots() {
+		active[s] = true
+	}
+	if o.Keyslot != nil {
+		if *o.Keyslot < 0 || *o.Keyslot >= int64(max) {
+			return fmt.Errorf("Invalid keyslot %d specified, must be between 0 and %d", uint32(*o.Keyslot), max-1)
+		}
+		slot = int(*o.Keyslot)
+	} else if len(active) == max {
+		return errors.New("Can't add a keyslot - all keyslots are in use")
+	}
+	if slot != luksfmt.AnySlot && active[slot] {
+		if !force {
+			return fmt.Errorf("Refusing to overwrite active keyslot %d - please erase it first", slot)
+		}
+	}
+	unlockID := n.keySecret
+	if o.Secret != nil {
+		unlockID = *o.Secret
+	}
+	oldPass, err := n.secret(unlockID)
+	if err != nil {
+		return err
+	}
+	key, _, err := n.hdr.Unlock(oldPass, luksfmt.AnySlot)
+	luksfmt.Wipe(oldPass)
+	if err != nil {
+		return err
+	}
+	defer luksfmt.Wipe(key)
+	newPass, err := n.secret(*o.NewSecret)
+	if err != nil {
+		return err
+	}
+	defer luksfmt.Wipe(newPass)
+	kdf := luksfmt.KDF{IterTime: luksfmt.DefaultIterTime}
+	if o.IterTime != nil {
+		if *o.IterTime <= 0 {
+			return errors.New("iter-time must be positive")
+		}
+		kdf.IterTime = time.Duration(*o.IterTime) * time.Millisecond
+	}
+	if o.PBKDF != nil {
+		kdf.Type = string(*o.PBKDF)
+	}
+	w, release, err := n.metaWriter(ctx)
+	if err != nil {
+		return err
+	}
+	defer release()
+	if slot != luksfmt.AnySlot && active[slot] {
+		if err := n.hdr.KillSlot(w, slot); err != nil {
+			return err
+		}
+	}
+	_, err = n.hdr.AddKey(w, key, slot, newPass, kdf)
+	return err
+}
+
+func (n *node) eraseKeyslots(ctx context.Context, o *AmendOptions, force bool) error {
+	if o.NewSecret != nil {
+		return errors.New("'new-secret' must not be given when erasing keyslots")
+	}
+	if o.IterTime != nil {
+		return errors.New("'iter-time' must not be given when erasing keyslots")
+	}
+	if o.Secret != nil {
+		return errors.New("'secret' must not be given when erasing keyslots")
+	}
+	var oldPass []byte
+	if o.OldSecret != nil {
+		p, err := n.secret(*o.OldSecret)
+		if err != nil {
+			return err
+		}
+		oldPass = p
+		defer luksfmt.Wipe(oldPass)
+	}
+	active := n.hdr.ActiveSlots()
+	isActive := func(s int) bool {
+		for _, a := range active {
+			if a == s {
+				return true
+			}
+		}
+		return false
+	}
+	var erase []int
+	switch {
+	case o.Keyslot != nil:
+		max := n.hdr.MaxSlots()
+		slot := *o.Keyslot
+		if slot < 0 || slot >= int64(max) {
+			return fmt.Errorf("Invalid keyslot %d specified, must be between 0 and %d", slot, max-1)
+		}
+		if oldPass != nil {
+			key, _, err := n.hdr.Unlock(oldPass, int(slot))
+			if err != nil {
+				if errors.Is(err, luksfmt.ErrWrongPassphrase) || errors.Is(err, luksfmt.ErrSlotInactive) {
+					return fmt.Errorf("Given keyslot %d doesn't contain the given old password for erase operation", slot)
+				}
+				return err
+			}
+			luksfmt.Wipe(key)
+		}
+		if !force && !isActive(int(slot)) {
+			return fmt.Errorf("Given keyslot %d is already erased (inactive) ", slot)
+		}
+		if !force && len(active) == 1 {
+			return fmt.Errorf("Attempt to erase the only active keyslot %d which will erase all the data in the image irreversibly - refusing operation", slot)
+		}
+		if isActive(int(slot)) {
+			erase = []int{int(slot)}
+		}
+	case oldPass != nil:
+		m, err := n.hdr.MatchSlots(oldPass)
+		if err != nil {
+			return err
+		}
+		if len(m) == 0 {
+			return errors.New("No keyslots match given (old) password for erase operation")
+		}
+		if !force && len(m) == len(active) {
+			return errors.New("All the active keyslots match the (old) password that was given and erasing them will erase all the data in the image irreversibly - refusing operation")
+		}
+		erase = m
+	default:
+		return errors.New("To erase keyslot(s), either explicit keyslot index or the password currently contained in them must be given")
+	}
+	if len(erase) == 0 {
+		return nil
+	}
+	w, release, err := n.metaWriter(ctx)
+	if err != nil {
+		return err
+	}
+	defer release()
+	for _, s := range erase {
+		if err := n.hdr.KillSlot(w, s); err != nil {
+			return err
+		}
+	}
+	return nil
+}
