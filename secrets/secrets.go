@@ -33,9 +33,9 @@ type Options struct {
 	Data *string `json:"data,omitempty"`
 	// File names a file holding the secret; it is read whole.
 	File *string `json:"file,omitempty"`
-	// Format is "raw" (the default when empty) or "base64". With KeyID it
-	// applies to the ciphertext.
-	Format string `json:"format,omitempty"`
+	// Format is FormatRaw (the default when empty) or FormatBase64. With
+	// KeyID it applies to the ciphertext.
+	Format Format `json:"format,omitempty"`
 	// KeyID names the secret whose 32 bytes are the AES-256-CBC key that
 	// decrypts the data. Empty means the data is not encrypted.
 	KeyID string `json:"keyid,omitempty"`
@@ -45,6 +45,19 @@ type Options struct {
 	// rejects any value for it.
 	Loaded *bool `json:"loaded,omitempty"`
 }
+
+// Format is QAPI's QCryptoSecretFormat: how the data is encoded.
+type Format string
+
+// The formats.
+const (
+	FormatRaw    Format = "raw"
+	FormatBase64 Format = "base64"
+)
+
+// EnumValues lists the valid formats, so that QAPI decoding rejects others
+// with QEMU's text before the object is created, as QEMU's visitor does.
+func (Format) EnumValues() []string { return []string{string(FormatRaw), string(FormatBase64)} }
 
 // Sentinel errors, for errors.Is. The errors themselves carry QEMU's texts.
 var (
@@ -87,8 +100,8 @@ type Store struct {
 func (s *Store) Add(o Options) error {
 	base64 := false
 	switch o.Format {
-	case "", "raw":
-	case "base64":
+	case "", FormatRaw:
+	case FormatBase64:
 		base64 = true
 	default:
 		return fmt.Errorf("Parameter 'format' does not accept value '%s'", o.Format)

@@ -276,7 +276,7 @@ func TestGetUTF8(t *testing.T) {
 		if id == "nul" {
 			format = "base64" // "a\x00b"
 		}
-		if err := s.Add(Options{ID: id, Data: ptr(data), Format: format}); err != nil {
+		if err := s.Add(Options{ID: id, Data: ptr(data), Format: Format(format)}); err != nil {
 			t.Fatal(err)
 		}
 	}

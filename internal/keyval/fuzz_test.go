@@ -24,6 +24,11 @@ var fuzzSeeds = []string{
 	`{"driver":"file","filename":"/x","n":1.5,"l":[1,{"a":null}]}`,
 	`{"a":1,"a":2}`,
 	`{"a":1`,
+	`{'a':'b\'c',"d":"\u00e9\ud83d\ude00\u0000"}`,
+	`{"a":[1,2.5e-3,-0,true,false,null,{}]}`,
+	"{\"a\":\"\xc0\x80\xff\"}",
+	`{"a":"\u12"}`,
+	`{"a":01}`,
 }
 
 // checkKeyvalTree verifies the shape keyval input must produce: nested

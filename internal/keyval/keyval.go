@@ -27,6 +27,12 @@
 // not have gaps. When several key-vals name the same leaf, the last one wins.
 // Leaves are strings; there is no way to write numbers, booleans, null, or an
 // empty object or list.
+//
+// # JSON
+//
+// JSON arguments are parsed by a port of QEMU's own JSON parser (see
+// json.go), so single-quoted strings, modified UTF-8 ("\u0000" is C0 80),
+// duplicate-key errors and QEMU's error texts all carry over.
 package keyval
 
 import (
@@ -49,8 +55,9 @@ var errHelpUnavailable = errors.New("Help is not available for this option")
 // key a leading bare value is assigned to ("" for none).
 //
 // Keyval input yields a tree of map[string]any, []any and string. Input that
-// starts with '{' is parsed as one JSON object; its numbers are json.Number.
-// A help request ("help" or "?") is an error, as in QEMU.
+// starts with '{' is parsed as one JSON object: strings, json.Number (the
+// number's text), bool, nil, []any and map[string]any. A help request
+// ("help" or "?") is an error, as in QEMU.
 func Parse(s, impliedKey string) (map[string]any, error) {
 	m, help, err := parse(s, impliedKey)
 	if err != nil {

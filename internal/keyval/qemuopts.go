@@ -45,10 +45,10 @@ func (o *QemuOpts) Get(name string) (string, bool) {
 }
 
 // ParseQemuOpts parses a QemuOpts argument (--chardev) and returns the
-// values by name, the last occurrence winning, and the names in order of
-// first appearance. The id, if any, is included under "id" (its first
-// occurrence, as QEMU's qemu_opts_id). A help request returns ErrHelp.
-// See ParseQemuOptsList for the syntax.
+// values by name, the last occurrence winning, and the names: "id" first
+// if present, then the others in order of first appearance. The id's value
+// is its first occurrence, as QEMU's qemu_opts_id. A help request returns
+// ErrHelp. See ParseQemuOptsList for the syntax.
 func ParseQemuOpts(s, impliedKey string) (map[string]string, []string, error) {
 	o, err := ParseQemuOptsList(s, impliedKey)
 	if err != nil {
