@@ -49,8 +49,8 @@ func Driver() *graph.Driver {
 		Name:     "file",
 		Protocol: true,
 		Options:  func() any { return new(Options) },
-		Open: func(ctx context.Context, o *graph.Opener, opts any) (graph.Node, error) {
-			return Open(ctx, o, opts.(*Options), false)
+		Open: func(_ context.Context, o *graph.Opener, opts any) (graph.Node, error) {
+			return open(o, opts.(*Options), false)
 		},
 		CreateOptions: func() any { return new(CreateOptions) },
 		Create:        create,
@@ -64,8 +64,8 @@ func HostDeviceDriver() *graph.Driver {
 		Name:     "host_device",
 		Protocol: true,
 		Options:  func() any { return new(Options) },
-		Open: func(ctx context.Context, o *graph.Opener, opts any) (graph.Node, error) {
-			return Open(ctx, o, opts.(*Options), true)
+		Open: func(_ context.Context, o *graph.Opener, opts any) (graph.Node, error) {
+			return open(o, opts.(*Options), true)
 		},
 	}
 }
@@ -176,9 +176,9 @@ func checkWritable(fd int) error {
 	return nil
 }
 
-// Open opens a file node; device selects host_device semantics. The checks
+// open opens a file node; device selects host_device semantics. The checks
 // and their order follow QEMU's raw_open_common.
-func Open(ctx context.Context, o *graph.Opener, opts *Options, device bool) (graph.Node, error) {
+func open(o *graph.Opener, opts *Options, device bool) (graph.Node, error) {
 	c := o.Common()
 	drvName := "file"
 	if device {
@@ -248,7 +248,7 @@ func Open(ctx context.Context, o *graph.Opener, opts *Options, device bool) (gra
 	}
 	size, err := n.fileSize(fd)
 	if err != nil {
-		return fail(errnoErrorf(err, "Could not get the size of '%s'", opts.Filename))
+		return fail(errnoErrorf(err, "Could not refresh total sector count"))
 	}
 	n.size.Store(size)
 	return n, nil

@@ -432,7 +432,7 @@ func (n *Node) truncateDevice(size int64, mode graph.Prealloc) error {
 	}
 	cur, err := n.fileSize(n.fd)
 	if err != nil {
-		return errnoErrorf(err, "Failed to get the size of the device")
+		return errnoErrorf(err, "Could not refresh total sector count")
 	}
 	if size > cur {
 		return errorf(unix.EINVAL, "Cannot grow device files")
@@ -540,13 +540,19 @@ func fillZeroes(ctx context.Context, fd int, cur, size int64) error {
 }
 
 // posixFallocate allocates [off, off+n) like posix_fallocate(3): with
-// fallocate when the file system has it, else by writing a zero into every
-// block that reads as a hole.
+// fallocate when the file system has it, else by writing.
 func posixFallocate(ctx context.Context, fd int, off, n int64) error {
 	err := fallocate(fd, 0, off, n)
-	if err == nil || err != unix.EOPNOTSUPP {
+	if err != unix.EOPNOTSUPP {
 		return err
 	}
+	return allocateByWriting(ctx, fd, off, n)
+}
+
+// allocateByWriting is glibc's posix_fallocate fallback: it writes a zero
+// byte into every block of [off, off+n) that reads as zero, extending the
+// file to off+n if it is shorter.
+func allocateByWriting(ctx context.Context, fd int, off, n int64) error {
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		return err
@@ -558,7 +564,7 @@ func posixFallocate(ctx context.Context, fd int, off, n int64) error {
 		}
 	}
 	bs := int64(st.Blksize)
-	if bs <= 0 {
+	if bs <= 0 || bs&(bs-1) != 0 {
 		bs = 4096
 	}
 	var one [1]byte
