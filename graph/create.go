@@ -86,7 +86,7 @@ func (g *Graph) DecodeCreateOptions(v any) (*Driver, any, error) {
 	}
 	drv := g.driver(ds)
 	if drv == nil {
-		return nil, nil, fmt.Errorf("Parameter '%s.driver' does not accept value '%s'", path, ds)
+		return nil, nil, fmt.Errorf("Parameter 'driver' does not accept value '%s'", ds)
 	}
 	var base struct {
 		Driver string `json:"driver"`

@@ -126,7 +126,7 @@ func ValidNodeName(s string) bool {
 
 func checkNodeName(s string) error {
 	if s == "" {
-		return errors.New("Node name cannot be empty")
+		return errors.New("Invalid node-name: ''")
 	}
 	c := s[0]
 	if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z') || !ValidNodeName(s[:min(len(s), 31)]) {
@@ -163,7 +163,7 @@ func (g *Graph) Add(ctx context.Context, v any, keyval bool) (*BDS, error) {
 	if err != nil {
 		return nil, err
 	}
-	if o.NodeName == "" {
+	if _, given := o.Tree["node-name"]; !given {
 		return nil, errors.New("'node-name' must be specified for the root node")
 	}
 	g.mu.Lock()
@@ -181,7 +181,7 @@ func (g *Graph) Add(ctx context.Context, v any, keyval bool) (*BDS, error) {
 func (g *Graph) open(ctx context.Context, o *Opts, parentRO bool) (*BDS, error) {
 	name := o.NodeName
 	auto := false
-	if name == "" {
+	if _, given := o.Tree["node-name"]; !given {
 		name = fmt.Sprintf("#block%d%02d", g.autoID, rand.IntN(100))
 		g.autoID++
 		auto = true

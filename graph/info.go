@@ -49,8 +49,10 @@ type BlockDeviceInfo struct {
 }
 
 // StrongOptioner is implemented by nodes whose options change what the
-// node's data is (QEMU's strong runtime options): raw's offset and size,
-// luks' key-secret. They appear in json: filenames.
+// node's data is (QEMU's strong runtime options that were given): file's
+// filename, raw's offset and size, luks' key-secret, null-co's size. They
+// appear in json: filenames; a non-protocol node with any of them has no
+// plain filename.
 type StrongOptioner interface {
 	StrongOptions() qapi.Object
 }
@@ -107,11 +109,6 @@ func (b *BDS) fullOptions() qapi.Object {
 	o := qapi.Object{{Name: "driver", Value: b.opts.Driver.Name}}
 	if so, ok := b.node.(StrongOptioner); ok {
 		o = append(o, so.StrongOptions()...)
-	}
-	if b.opts.Driver.Protocol {
-		if f := b.info().Filename; f != "" {
-			o = append(o, qapi.Member{Name: "filename", Value: f})
-		}
 	}
 	for _, c := range b.children {
 		if c.role&RoleCOW != 0 {

@@ -106,7 +106,7 @@ func (g *Graph) decodeOptions(d *qapi.Decoder, v any, path string) (*Opts, error
 	}
 	drv := g.driver(ds)
 	if drv == nil {
-		return nil, &qapi.Error{Msg: fmt.Sprintf("Parameter '%s' does not accept value '%s'", name, ds)}
+		return nil, &qapi.Error{Msg: fmt.Sprintf("Parameter 'driver' does not accept value '%s'", ds)}
 	}
 	o := &Opts{Driver: drv, Tree: obj}
 	targets := []any{&o.Common}

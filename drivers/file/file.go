@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"blockd/graph"
+	"blockd/internal/qapi"
 )
 
 // OnOffAuto is QAPI's OnOffAuto enum (the locking option).
@@ -386,4 +387,10 @@ func (n *Node) Close() error {
 		return errnoErrorf(err, "Could not close '%s'", n.filename)
 	}
 	return nil
+}
+
+// StrongOptions reports the filename, the option that says what the node
+// is (it appears in json: filenames of the nodes above).
+func (n *Node) StrongOptions() qapi.Object {
+	return qapi.Object{{Name: "filename", Value: n.filename}}
 }

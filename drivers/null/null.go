@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"blockd/graph"
+	"blockd/internal/qapi"
 )
 
 // Options is BlockdevOptionsNull.
@@ -23,6 +24,7 @@ func Driver() *graph.Driver {
 }
 
 type node struct {
+	strong     qapi.Object // size and read-zeroes, when given
 	size       int64
 	latency    time.Duration
 	readZeroes bool
@@ -33,6 +35,7 @@ func open(_ context.Context, _ *graph.Opener, v any) (graph.Node, error) {
 	n := &node{size: 1 << 30}
 	if o.Size != nil {
 		n.size = *o.Size
+		n.strong = append(n.strong, qapi.Member{Name: "size", Value: n.size})
 	}
 	if o.LatencyNS != nil {
 		if *o.LatencyNS < 0 {
@@ -42,6 +45,7 @@ func open(_ context.Context, _ *graph.Opener, v any) (graph.Node, error) {
 	}
 	if o.ReadZeroes != nil {
 		n.readZeroes = *o.ReadZeroes
+		n.strong = append(n.strong, qapi.Member{Name: "read-zeroes", Value: n.readZeroes})
 	}
 	return n, nil
 }
@@ -86,6 +90,14 @@ func (n *node) Size() int64                 { return n.size }
 func (n *node) Flush(context.Context) error { return nil }
 func (n *node) Close() error                { return nil }
 
+// Info names the node null-co:// unless options that change its contents
+// were given, as QEMU's null_refresh_filename does.
 func (n *node) Info() graph.ImageInfo {
+	if len(n.strong) > 0 {
+		return graph.ImageInfo{ActualSize: 0}
+	}
 	return graph.ImageInfo{Filename: "null-co://", ActualSize: 0}
 }
+
+// StrongOptions reports size and read-zeroes when they were given.
+func (n *node) StrongOptions() qapi.Object { return n.strong }

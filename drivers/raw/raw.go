@@ -37,6 +37,13 @@ type node struct {
 func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 	opts := v.(*Options)
 	n := &node{}
+	// QEMU converts these to QemuOpts sizes, which reject negatives.
+	if opts.Offset != nil && *opts.Offset < 0 {
+		return nil, fmt.Errorf("Parameter 'offset' expects a non-negative number below 2^64")
+	}
+	if opts.Size != nil && *opts.Size < 0 {
+		return nil, fmt.Errorf("Parameter 'size' expects a non-negative number below 2^64")
+	}
 	if opts.Offset != nil {
 		n.offset = *opts.Offset
 	}
@@ -111,9 +118,14 @@ func (n *node) TruncatePrealloc(ctx context.Context, size int64, mode graph.Prea
 
 func (n *node) Limits() graph.Limits { return n.file.Limits() }
 
+// Info passes the file's dirty flag through (QEMU's raw_get_info asks the
+// file node, so raw over null-co has none).
 func (n *node) Info() graph.ImageInfo {
-	f := false
-	return graph.ImageInfo{ActualSize: -1, DirtyFlag: &f}
+	in := graph.ImageInfo{ActualSize: -1}
+	if fi, ok := n.file.BDS().Node().(graph.Infoer); ok {
+		in.DirtyFlag = fi.Info().DirtyFlag
+	}
+	return in
 }
 
 // StrongOptions reports offset and size, which change what the node shows.

@@ -78,7 +78,7 @@ func (d *Daemon) decodeAmendOptions(v any) (*graph.Driver, any, error) {
 	}
 	drv := d.Graph.Driver(ds)
 	if drv == nil {
-		return nil, nil, fmt.Errorf("Parameter '%s.driver' does not accept value '%s'", path, ds)
+		return nil, nil, fmt.Errorf("Parameter 'driver' does not accept value '%s'", ds)
 	}
 	var base struct {
 		Driver string `json:"driver"`

@@ -220,7 +220,7 @@ func (d *Decoder) decodeValue(v any, path string, fv reflect.Value) error {
 		}
 		if t.Implements(enumType) {
 			if !contains(reflect.Zero(t).Interface().(Enum).EnumValues(), s) {
-				return errorf("Parameter '%s' does not accept value '%s'", path, s)
+				return errorf("Parameter '%s' does not accept value '%s'", leaf(path), s)
 			}
 		}
 		fv.SetString(s)
@@ -238,7 +238,7 @@ func (d *Decoder) decodeValue(v any, path string, fv reflect.Value) error {
 			return err
 		}
 		if fv.OverflowInt(n) {
-			return errorf("Parameter '%s' expects %s", path, intName(t))
+			return errorf("Parameter '%s' expects %s", leaf(path), intName(t))
 		}
 		fv.SetInt(n)
 		return nil
@@ -248,7 +248,7 @@ func (d *Decoder) decodeValue(v any, path string, fv reflect.Value) error {
 			return err
 		}
 		if fv.OverflowUint(n) {
-			return errorf("Parameter '%s' expects %s", path, intName(t))
+			return errorf("Parameter '%s' expects %s", leaf(path), intName(t))
 		}
 		fv.SetUint(n)
 		return nil
@@ -393,13 +393,12 @@ func (d *Decoder) uint(v any, path string, size bool) (uint64, error) {
 		if f, err := strconv.ParseFloat(string(x), 64); err == nil && f == math.Trunc(f) && f >= 0 && f < 1<<64 {
 			return uint64(f), nil
 		}
-		return 0, typeError(path, "integer")
 	case string:
 		if d.Keyval {
 			if size {
 				n, err := ParseSize(x)
 				if err != nil {
-					return 0, errorf("Parameter '%s' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.", path)
+					return 0, errorf("Parameter '%s' expects size", path)
 				}
 				return n, nil
 			}
@@ -410,7 +409,19 @@ func (d *Decoder) uint(v any, path string, size bool) (uint64, error) {
 			return n, nil
 		}
 	}
-	return 0, typeError(path, "integer")
+	return 0, errorf("Parameter '%s' expects uint64", path)
+}
+
+// leaf is the member name QEMU's generic visitors print: the last
+// component of the path, or "null" for list elements and the top level.
+func leaf(path string) string {
+	if i := strings.LastIndexByte(path, '.'); i >= 0 {
+		path = path[i+1:]
+	}
+	if path == "" || strings.HasSuffix(path, "]") {
+		return "null"
+	}
+	return path
 }
 
 func parseCInt(s string) (int64, error) {
