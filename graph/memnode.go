@@ -6,7 +6,7 @@ import (
 )
 
 // MemNode is an in-memory Node for tests and demos. It supports zeroing,
-// discard (to zeroes), block status (all data) and resizing.
+// discard (to zeroes) and resizing.
 type MemNode struct {
 	mu   sync.RWMutex // protects data
 	data []byte

@@ -561,13 +561,16 @@ func (s *sparseNode) BlockStatus(ctx context.Context, off, n int64) ([]graph.Ext
 	s.mu.Lock()
 	s.calls++
 	s.mu.Unlock()
-	data := s.Bytes()
 	var es []graph.Extent
 	end := off + n
+	buf := make([]byte, sparseGrain)
 	for pos := off; pos < end; {
 		next := min((pos/sparseGrain+1)*sparseGrain, end)
+		if err := s.ReadAt(ctx, buf[:next-pos], pos); err != nil {
+			return nil, err
+		}
 		var f graph.ExtentFlags
-		if allZero(data[pos:next]) {
+		if allZero(buf[:next-pos]) {
 			f = graph.ExtentHole | graph.ExtentZero
 		}
 		if k := len(es); k > 0 && es[k-1].Flags == f {

@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/json"
 	"errors"
@@ -84,6 +85,7 @@ func run(t *testing.T, name string, args ...string) string {
 func runErr(t *testing.T, name string, args ...string) (string, error) {
 	t.Helper()
 	cmd := exec.Command(name, args...)
+	cmd.Dir = t.TempDir() // fio leaves verify state files behind
 	// nbdsh needs the system python that has the libnbd bindings.
 	cmd.Env = append(os.Environ(), "PATH=/usr/bin:/bin:"+os.Getenv("PATH"), "LIBNBD_DEBUG=0")
 	var out bytes.Buffer
@@ -260,13 +262,19 @@ func TestPeerQemuImg(t *testing.T) {
 	}
 	run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", u, src)
 	// A difference is found.
-	m.Bytes()[size-1] ^= 0xff
+	flip := func() {
+		var b [1]byte
+		m.ReadAt(context.Background(), b[:], size-1)
+		b[0] ^= 0xff
+		m.WriteAt(context.Background(), b[:], size-1, 0)
+	}
+	flip()
 	out, err := runErr(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", u, src)
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() != 1 {
 		t.Fatalf("compare of different images: %v\n%s", err, out)
 	}
-	m.Bytes()[size-1] ^= 0xff
+	flip()
 	dst := filepath.Join(dir, "dst.qcow2")
 	run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", u, dst)
 	run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "raw", dst, src)
@@ -328,7 +336,7 @@ func TestPeerFio(t *testing.T) {
 	out := run(t, "fio", "--name=nbd", "--ioengine=nbd", "--uri="+uri(sock, "disk"),
 		"--rw=randrw", "--bs=4k", "--iodepth=32", fmt.Sprintf("--numjobs=%d", jobs),
 		fmt.Sprintf("--size=%d", per), fmt.Sprintf("--offset_increment=%d", per),
-		"--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--group_reporting",
+		"--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--group_reporting",
 		"--output-format=json")
 	var res struct {
 		Jobs []struct {

@@ -550,7 +550,16 @@ func (c *conn) recycle(r *request) {
 	putBuf(r.bufp)
 	r.bufp, r.buf = nil, nil
 	r.errno, r.msg = 0, ""
+	clear(r.chunks) // drop references to pooled buffers
 	r.chunks = r.chunks[:0]
+	// Keep small scratch space only: a large block status answer should
+	// not stay pinned to an idle request slot.
+	if cap(r.exts) > 4096 {
+		r.exts = nil
+	}
+	if cap(r.status) > 64<<10 {
+		r.status = nil
+	}
 	c.tx.free <- r
 }
 
