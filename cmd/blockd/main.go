@@ -52,6 +52,9 @@ qemu-storage-daemon compatible block-storage daemon.
   --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
            [,writable=on|off][,description=<text>]
                              export the specified block node over NBD
+  --attach export=<name>[,device=/dev/nbdN][,read-only=on|off]
+                             attach an NBD export to the local kernel as a
+                             block device (like qemu-nbd --connect)
   --object <properties>      define a QOM object such as 'secret'
   --pidfile <path>           write process ID to a file after startup
   --daemonize                daemonize the process, and have the parent exit
@@ -67,7 +70,7 @@ type opt struct{ name, arg string }
 
 var withArg = map[string]bool{
 	"blockdev": true, "chardev": true, "monitor": true, "qmp": true, "nbd-server": true,
-	"export": true, "object": true, "pidfile": true, "log-level": true,
+	"export": true, "attach": true, "object": true, "pidfile": true, "log-level": true,
 }
 
 // parseArgs splits argv into options, accepting --opt value and --opt=value.
@@ -303,6 +306,24 @@ func (st *startup) apply(o opt) error {
 			return err
 		}
 		return st.d.AddExport(ctx, tree, !isJSON(o.arg))
+	case "attach":
+		tree, err := keyval.Parse(o.arg, "export")
+		if err != nil {
+			return err
+		}
+		var a struct {
+			Export   string `json:"export"`
+			Device   string `json:"device,omitempty"`
+			ReadOnly bool   `json:"read-only,omitempty"`
+		}
+		if err := decodeKeyval(tree, !isJSON(o.arg), &a); err != nil {
+			return err
+		}
+		path, err := st.d.AttachLocal(ctx, a.Export, a.Device, a.ReadOnly)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(os.Stderr, "blockd: export '%s' attached as %s\n", a.Export, path)
 	}
 	return nil
 }

@@ -13,6 +13,7 @@ import (
 	"blockd/graph"
 	"blockd/internal/job"
 	"blockd/internal/qapi"
+	"blockd/nbd/attach"
 	"blockd/qmp"
 	"blockd/secrets"
 )
@@ -30,10 +31,11 @@ type Daemon struct {
 	Jobs    *job.Manager
 
 	// mu protects objects, tls and nbd.
-	mu      sync.Mutex
-	objects map[string]string // id -> qom-type, one namespace as in QOM
-	tls     map[string]*tlsObject
-	nbd     *nbdState
+	mu       sync.Mutex
+	objects  map[string]string // id -> qom-type, one namespace as in QOM
+	tls      map[string]*tlsObject
+	nbd      *nbdState
+	attached []*attach.Device // local /dev/nbdN attachments
 
 	quitOnce sync.Once
 	quit     chan struct{}

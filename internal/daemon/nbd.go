@@ -12,6 +12,7 @@ import (
 	"blockd/internal/qapi"
 	"blockd/internal/tlscreds"
 	"blockd/nbd"
+	"blockd/nbd/attach"
 	"blockd/qmp"
 )
 
@@ -202,6 +203,10 @@ func (d *Daemon) stopNBD() error {
 		return errors.New("NBD server not running")
 	}
 	st := d.nbd
+	for _, dev := range d.attached {
+		_ = dev.Detach()
+	}
+	d.attached = nil
 	for _, x := range append([]*export(nil), st.exports...) {
 		if !x.shuttingDown {
 			d.deleteExport(x, true)
@@ -489,4 +494,24 @@ func (d *Daemon) addTLSX509(id string, p tlsX509Props) (*tlsObject, error) {
 		return nil, err
 	}
 	return &tlsObject{endpoint: o.Endpoint, config: cfg}, nil
+}
+
+// AttachLocal connects an export to the local kernel as a /dev/nbdN device
+// (what qemu-nbd --connect does); the device is detached when the daemon
+// closes. device may be empty to take the first free one.
+func (d *Daemon) AttachLocal(ctx context.Context, exportName, device string, readOnly bool) (string, error) {
+	d.mu.Lock()
+	st := d.nbd
+	d.mu.Unlock()
+	if st == nil {
+		return "", errors.New("NBD server not running")
+	}
+	dev, err := attach.Attach(ctx, st.srv, exportName, attach.Options{Device: device, ReadOnly: readOnly})
+	if err != nil {
+		return "", err
+	}
+	d.mu.Lock()
+	d.attached = append(d.attached, dev)
+	d.mu.Unlock()
+	return dev.Path, nil
 }
