@@ -31,6 +31,9 @@ func startServer(t *testing.T, opts ...MonitorOption) (*Server, string) {
 	Handle(s, "x-raw", func(_ context.Context, _ *Monitor, a *Args) (Args, error) {
 		return *a, nil
 	})
+	Handle(s, "x-nil", func(context.Context, *Monitor, *Empty) (*Empty, error) {
+		return nil, nil
+	})
 	Handle(s, "x-fail", func(context.Context, *Monitor, *Empty) (any, error) {
 		return nil, NewError(DeviceNotFound, "no such thing")
 	})

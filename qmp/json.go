@@ -135,11 +135,57 @@ func NewParserLimits(emit func(v any, err error), l Limits) *Parser {
 	return &Parser{emit: emit, limits: l}
 }
 
+// SetEmit replaces the function called for every message.
+func (p *Parser) SetEmit(emit func(v any, err error)) { p.emit = emit }
+
 // Feed lexes and parses b. It may call emit any number of times.
 func (p *Parser) Feed(b []byte) {
-	for _, c := range b {
-		p.feedChar(c, false)
+	for i := 0; i < len(b); {
+		// Fast paths for runs of bytes that only extend the current token
+		// (or are skipped during recovery); the result is the same as
+		// feeding them one at a time.
+		if n := p.run(b[i:]); n > 0 {
+			i += n
+			continue
+		}
+		p.feedChar(b[i], false)
+		i++
 	}
+}
+
+// run consumes the longest prefix of b that cannot end or break the
+// current token, and returns its length.
+func (p *Parser) run(b []byte) int {
+	var ok func(c byte) bool
+	switch p.state {
+	case inDQ:
+		ok = func(c byte) bool { return c >= 0x20 && c <= 0xFD && c != '"' && c != '\\' }
+	case inSQ:
+		ok = func(c byte) bool { return c >= 0x20 && c <= 0xFD && c != '\'' && c != '\\' }
+	case inKeyword:
+		ok = func(c byte) bool { return c >= 'a' && c <= 'z' }
+	case inRecovery:
+		n := 0
+		for n < len(b) {
+			c := b[n]
+			if c < 0x20 && c != '\t' || c >= 0xFE || c == '[' || c == ']' || c == '{' || c == '}' || c == ':' || c == ',' {
+				break
+			}
+			n++
+		}
+		return n
+	default:
+		return 0
+	}
+	// Stop before the token outgrows the limit, so that feedChar sees
+	// the byte that makes it overflow.
+	room := p.limits.TokenSize - len(p.token)
+	n := 0
+	for n < len(b) && n < room && ok(b[n]) {
+		n++
+	}
+	p.token = append(p.token, b[:n]...)
+	return n
 }
 
 // Flush ends the input: a pending number or keyword is completed, an

@@ -111,32 +111,46 @@ func FuzzParser(f *testing.F) {
 	for _, s := range corpus {
 		f.Add([]byte(s))
 	}
+	f.Add([]byte(`["` + strings.Repeat("x", 4094) + `"]`))
+	f.Add([]byte(`"` + strings.Repeat("x", 4095) + `"`))
+	f.Add([]byte(`'` + strings.Repeat("y", 5000) + `'`))
+	f.Add([]byte(strings.Repeat("z", 4097) + " "))
+	f.Add([]byte("@" + strings.Repeat("q", 5000) + "{}"))
 	f.Add([]byte(`{"execute":"blockdev-add","arguments":{"driver":"raw","file":{"driver":"file","filename":"/x"}},"id":[1,{"a":null}]}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		var vals []any
-		p := NewParserLimits(func(v any, err error) {
-			if err != nil {
-				if _, ok := err.(*Error); !ok {
-					t.Fatalf("error of type %T", err)
+		limits := Limits{TokenSize: 4096, TokenCount: 512, Nesting: 32}
+		// trace records what a parser emits.
+		trace := func(feed func(p *Parser)) ([]string, []any) {
+			var out []string
+			var vals []any
+			p := NewParserLimits(func(v any, err error) {
+				if err != nil {
+					if _, ok := err.(*Error); !ok {
+						t.Fatalf("error of type %T", err)
+					}
+					out = append(out, "error "+err.Error())
+					return
 				}
-				return
-			}
-			vals = append(vals, v)
-		}, Limits{TokenSize: 4096, TokenCount: 512, Nesting: 32})
-		// Feed in two pieces: framing must not matter.
-		half := len(data) / 2
-		p.Feed(data[:half])
-		p.Feed(data[half:])
-		p.Flush()
-		whole, _ := parseAll(string(data), Limits{TokenSize: 4096, TokenCount: 512, Nesting: 32})
-		// parseAll does not flush; its values are a prefix of ours.
-		if len(whole) > len(vals) {
-			t.Fatalf("split feeding lost values")
+				out = append(out, string(Marshal(v, false)))
+				vals = append(vals, v)
+			}, limits)
+			feed(p)
+			p.Flush()
+			return out, vals
 		}
-		for i := range whole {
-			if !reflect.DeepEqual(whole[i], vals[i]) {
-				t.Fatalf("split feeding changed %#v into %#v", whole[i], vals[i])
+		whole, vals := trace(func(p *Parser) { p.Feed(data) })
+		split, _ := trace(func(p *Parser) {
+			half := len(data) / 2
+			p.Feed(data[:half])
+			p.Feed(data[half:])
+		})
+		bytewise, _ := trace(func(p *Parser) {
+			for _, c := range data {
+				p.feedChar(c, false)
 			}
+		})
+		if !reflect.DeepEqual(whole, split) || !reflect.DeepEqual(whole, bytewise) {
+			t.Fatalf("framing changed the result:\n%q\n%q\n%q", whole, split, bytewise)
 		}
 		// Every value survives encoding and parsing again.
 		for _, v := range vals {

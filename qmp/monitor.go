@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"net"
+	"reflect"
 	"runtime/debug"
 	"sort"
 	"sync"
@@ -334,6 +335,8 @@ func (m *Monitor) dispatch(req any) map[string]any {
 	}
 	if ret == nil {
 		ret = Empty{}
+	} else if v := reflect.ValueOf(ret); v.Kind() == reflect.Pointer && v.IsNil() {
+		ret = Empty{} // a command's result is never null
 	}
 	rsp["return"] = ret
 	return rsp

@@ -68,6 +68,11 @@ type command struct {
 	flags Flags
 }
 
+// MaxMonitors is how many connections a server serves at once. Further
+// clients wait in the listen backlog, as they do for QEMU's socket chardev,
+// which serves one.
+const MaxMonitors = 64
+
 // Output queue bounds for one monitor. A monitor whose client does not read
 // is dropped when its queue overflows, so that it holds up nobody else.
 const (
@@ -81,7 +86,7 @@ type Server struct {
 	log     *logrus.Entry
 	version Version
 
-	mu        sync.Mutex // protects everything below
+	mu        sync.Mutex // protects the fields up to the blank line
 	cmds      map[string]*command
 	order     []string // registration order
 	monitors  map[*Monitor]struct{}
@@ -90,7 +95,9 @@ type Server struct {
 	quit      func()
 	closed    bool
 
-	wg sync.WaitGroup // running monitors
+	slots chan struct{}  // one per running monitor, MaxMonitors in all
+	done  chan struct{}  // closed by Close
+	wg    sync.WaitGroup // running monitors
 }
 
 // NewServer returns a server that reports version in its greeting and in
@@ -108,6 +115,8 @@ func NewServer(log *logrus.Entry, version Version) *Server {
 		cmds:      map[string]*command{},
 		monitors:  map[*Monitor]struct{}{},
 		listeners: map[net.Listener]struct{}{},
+		slots:     make(chan struct{}, MaxMonitors),
+		done:      make(chan struct{}),
 	}
 	s.registerBuiltins()
 	return s
@@ -133,7 +142,7 @@ func (s *Server) Register(name string, args func() any, run RunFunc, flags Flags
 // Handle registers a command with typed arguments and result. A is the
 // argument struct (qmp.Args for the raw tree, qmp.Empty for none); the
 // result R is encoded with its struct fields as members, and a nil result
-// is {}.
+// (nil interface or nil pointer) is {}.
 func Handle[A, R any](s *Server, name string, fn func(ctx context.Context, m *Monitor, a *A) (R, error)) {
 	s.Register(name, func() any { return new(A) }, func(ctx context.Context, m *Monitor, args any) (any, error) {
 		r, err := fn(ctx, m, args.(*A))
@@ -196,8 +205,14 @@ func (s *Server) Serve(l net.Listener, opts ...MonitorOption) error {
 	}()
 	backoff := 5 * time.Millisecond
 	for {
+		select {
+		case s.slots <- struct{}{}:
+		case <-s.done:
+			return nil
+		}
 		conn, err := l.Accept()
 		if err != nil {
+			<-s.slots
 			s.mu.Lock()
 			closed := s.closed
 			s.mu.Unlock()
@@ -216,6 +231,7 @@ func (s *Server) Serve(l net.Listener, opts ...MonitorOption) error {
 		}
 		backoff = 5 * time.Millisecond
 		if !s.startMonitor(conn, cfg) {
+			<-s.slots
 			conn.Close()
 		}
 	}
@@ -237,6 +253,7 @@ func (s *Server) startMonitor(conn net.Conn, cfg monitorConfig) bool {
 		s.mu.Lock()
 		delete(s.monitors, m)
 		s.mu.Unlock()
+		<-s.slots
 	}()
 	return true
 }
@@ -246,6 +263,9 @@ func (s *Server) startMonitor(conn net.Conn, cfg monitorConfig) bool {
 // a moment to drain. It waits for the monitors to finish.
 func (s *Server) Close() error {
 	s.mu.Lock()
+	if !s.closed {
+		close(s.done)
+	}
 	s.closed = true
 	ls := make([]net.Listener, 0, len(s.listeners))
 	for l := range s.listeners {

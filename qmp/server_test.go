@@ -39,6 +39,7 @@ func TestErrorTable(t *testing.T) {
 		{`{"execute":"query-version","arguments":{"x":1},"id":6}`, `{"id": 6, "error": {"class": "GenericError", "desc": "Parameter 'x' is unexpected"}}`},
 		{`{"execute":"x-echo","arguments":{},"id":7}`, `{"id": 7, "error": {"class": "GenericError", "desc": "Parameter 'name' is missing"}}`},
 		{`{"execute":"x-echo","arguments":{"name":1},"id":8}`, `{"id": 8, "error": {"class": "GenericError", "desc": "Invalid parameter type for 'name', expected: string"}}`},
+		{`{"execute":"x-nil","id":"nil"}`, `{"return": {}, "id": "nil"}`},
 		{`{"execute":"x-fail","id":9}`, `{"id": 9, "error": {"class": "DeviceNotFound", "desc": "no such thing"}}`},
 		{`{"execute":"x-plain-error","id":10}`, `{"id": 10, "error": {"class": "GenericError", "desc": "use of closed network connection"}}`},
 		{`{"execute":"x-panic","id":11}`, `{"id": 11, "error": {"class": "GenericError", "desc": "internal error in x-panic: boom"}}`},
@@ -437,4 +438,19 @@ func TestTCP(t *testing.T) {
 	if err != nil || !bytes.HasPrefix(buf[:n], []byte(`{"QMP"`)) {
 		t.Fatalf("%q %v", buf[:n], err)
 	}
+}
+
+// Clients beyond MaxMonitors wait in the backlog until a monitor goes away.
+func TestMonitorLimit(t *testing.T) {
+	_, path := startServer(t)
+	var cs []*client
+	for i := 0; i < MaxMonitors; i++ {
+		c := dial(t, path)
+		c.expect(greeting)
+		cs = append(cs, c)
+	}
+	extra := dial(t, path)
+	extra.quiet()
+	cs[0].conn.Close()
+	extra.expect(greeting)
 }
