@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -149,5 +150,26 @@ func (d *daemon) nodes() []nodeInfo {
 	if err := json.Unmarshal(d.must("query-named-block-nodes", map[string]any{"flat": true}), &out); err != nil {
 		d.t.Fatal(err)
 	}
+	return out
+}
+
+// subscribe streams events into a buffered channel drained by its own
+// goroutine: go-qemu's monitor stops reading replies while an event waits
+// to be delivered.
+func (d *daemon) subscribe() <-chan qmp.Event {
+	d.t.Helper()
+	in, err := d.mon.Events(context.Background())
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	out := make(chan qmp.Event, 4096)
+	go func() {
+		for ev := range in {
+			select {
+			case out <- ev:
+			default:
+			}
+		}
+	}()
 	return out
 }
