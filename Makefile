@@ -1,7 +1,7 @@
 # blockd: build, test and fuzz.
 GO ?= go
 PEERS = qemu-utils qemu-system-common cryptsetup-bin libnbd-bin python3-libnbd fio nbdkit xz-utils openssl
-FUZZTIME ?= 10s
+FUZZTIME ?= 5s
 
 .PHONY: all build test vet race fuzz peers
 

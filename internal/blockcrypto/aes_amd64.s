@@ -22,6 +22,12 @@
 // one doubling per block (SSE2 shift + carry mask); the VAES kernels keep
 // (T_j, T_j+1) in one ymm register and derive the tweaks of a whole 16-block
 // batch from it in parallel with a shift and a VPCLMULQDQ reduction.
+//
+// The multi-sector XTS kernels take the already encrypted T_0 of each sector
+// (the caller encrypts the tweaks of up to 16 sectors in one ECB batch); the
+// single-sector ones (xts*1) encrypt T_0 themselves, which saves a call and
+// a store-to-load round trip on the latency-bound path of a one-sector
+// request. No kernel handles ciphertext stealing: sectors are whole blocks.
 
 // Reduction constant for VPCLMULQDQ: 0x87 in the low qword of each lane.
 DATA xtsPoly<>+0(SB)/8, $0x87
@@ -124,24 +130,12 @@ l10: \
 	PXOR  X11, XR; \
 	MOVOU XR, off(DI)
 
-// XTS_SSE(OP, LAST, labels...) is the body of an AES-NI XTS function
-// func(rk *byte, rounds int, dst, src, tweaks *byte, nsect, ss int)
-// where tweaks holds the encrypted initial tweak T_0 of each sector. The
-// label arguments keep the labels of each expansion distinct.
-#define XTS_SSE(OP, LAST, Lsector, Lloop, Ltail, Lb12, Lb10, Lt12, Lt10, Lnext, Ldone) \
-	SETUP_KEYS; \
-	MOVQ dst+16(FP), DI; \
-	MOVQ src+24(FP), SI; \
-	MOVQ tweaks+32(FP), BX; \
-	MOVQ nsect+40(FP), CX; \
-	MOVQ ss+48(FP), DX; \
-	MOVOU xtsMask<>(SB), X10; \
-	SHRQ $4, DX; \
-	TESTQ CX, CX; \
-	JZ   Ldone; \
-Lsector: \
-	MOVOU (BX), X9; \
-	MOVQ DX, R9; \
+// XTS_SSE_SECTOR(OP, LAST, labels...) does one sector with AES-NI: DI, SI
+// at the sector, R9 its length in blocks, X9 its encrypted initial tweak
+// T_0, the doubling mask in X10. It ends by jumping to Lend with DI and SI
+// past the sector. The label arguments keep the labels of each expansion
+// distinct.
+#define XTS_SSE_SECTOR(OP, LAST, Lloop, Ltail, Lb12, Lb10, Lt12, Lt10, Lend) \
 Lloop: \
 	CMPQ R9, $8; \
 	JB   Ltail; \
@@ -169,7 +163,7 @@ Lloop: \
 	JMP  Lloop; \
 Ltail: \
 	TESTQ R9, R9; \
-	JZ   Lnext; \
+	JZ   Lend; \
 	MOVOU (AX), X8; \
 	MOVOU (SI), X0; \
 	PXOR  X9, X0; \
@@ -181,12 +175,80 @@ Ltail: \
 	ADDQ $16, SI; \
 	ADDQ $16, DI; \
 	DECQ R9; \
-	JMP  Ltail; \
+	JMP  Ltail;
+
+// XTS_SSE(OP, LAST, labels...) is the body of an AES-NI XTS function
+// func(rk *byte, rounds int, dst, src, tweaks *byte, nsect, ss int)
+// where tweaks holds the encrypted initial tweak T_0 of each sector.
+#define XTS_SSE(OP, LAST, Lsector, Lloop, Ltail, Lb12, Lb10, Lt12, Lt10, Lnext, Ldone) \
+	SETUP_KEYS; \
+	MOVQ dst+16(FP), DI; \
+	MOVQ src+24(FP), SI; \
+	MOVQ tweaks+32(FP), BX; \
+	MOVQ nsect+40(FP), CX; \
+	MOVQ ss+48(FP), DX; \
+	MOVOU xtsMask<>(SB), X10; \
+	SHRQ $4, DX; \
+	TESTQ CX, CX; \
+	JZ   Ldone; \
+Lsector: \
+	MOVOU (BX), X9; \
+	MOVQ DX, R9; \
+	XTS_SSE_SECTOR(OP, LAST, Lloop, Ltail, Lb12, Lb10, Lt12, Lt10, Lnext); \
 Lnext: \
 	ADDQ $16, BX; \
 	DECQ CX; \
 	JNZ  Lsector; \
 Ldone: \
+	RET
+
+// One round of the tweak cipher on X9 with round key K (a memory operand,
+// loaded into X12 because legacy-SSE memory operands must be aligned).
+#define TKS(OP, K) MOVOU K, X12; OP X12, X9
+
+// Rounds 1..Nr of the tweak cipher on X9: keys at BX, R13 = BX + 16*(rounds-10).
+#define ROUNDS_TKS(l12, l10) \
+	CMPQ R8, $12; \
+	JB   l10; \
+	JE   l12; \
+	TKS(AESENC, 16(BX)); \
+	TKS(AESENC, 32(BX)); \
+l12: \
+	TKS(AESENC, -16(R13)); \
+	TKS(AESENC, 0(R13)); \
+l10: \
+	TKS(AESENC, 16(R13)); \
+	TKS(AESENC, 32(R13)); \
+	TKS(AESENC, 48(R13)); \
+	TKS(AESENC, 64(R13)); \
+	TKS(AESENC, 80(R13)); \
+	TKS(AESENC, 96(R13)); \
+	TKS(AESENC, 112(R13)); \
+	TKS(AESENC, 128(R13)); \
+	TKS(AESENC, 144(R13)); \
+	TKS(AESENCLAST, 160(R13))
+
+// XTS_SSE1(OP, LAST, labels...) is the body of a single-sector AES-NI XTS
+// function
+// func(rk *byte, rounds int, tk, dst, src *byte, sector uint64, ss int)
+// that encrypts the tweak itself with the tweak key's round keys tk.
+#define XTS_SSE1(OP, LAST, Lk12, Lk10, Lloop, Ltail, Lb12, Lb10, Lt12, Lt10, Lend) \
+	SETUP_KEYS; \
+	MOVQ tk+16(FP), BX; \
+	MOVQ dst+24(FP), DI; \
+	MOVQ src+32(FP), SI; \
+	MOVQ ss+48(FP), R9; \
+	SHRQ $4, R9; \
+	MOVQ R8, R13; \
+	SHLQ $4, R13; \
+	LEAQ -160(BX)(R13*1), R13; \
+	MOVQ sector+40(FP), X9; \
+	MOVOU (BX), X12; \
+	PXOR X12, X9; \
+	MOVOU xtsMask<>(SB), X10; \
+	ROUNDS_TKS(Lk12, Lk10); \
+	XTS_SSE_SECTOR(OP, LAST, Lloop, Ltail, Lb12, Lb10, Lt12, Lt10, Lend); \
+Lend: \
 	RET
 
 // CBC_ENC_LANE xors the next plaintext block of one lane (address M) and
@@ -273,24 +335,13 @@ l10: \
 	VPXOR   off(SP), YR, YR; \
 	VMOVDQU YR, off(DI)
 
-// XTS_V(OP, LAST, labels...) is the body of a VAES XTS function with the same
-// signature as the AES-NI ones. Y9 holds (T_j, T_j+1) for the next block j.
-#define XTS_V(OP, LAST, Lsector, Lloop, Ltail, Lb12, Lb10, Lt12, Lt10, Lnext, Ldone) \
-	SETUP_KEYS; \
-	MOVQ dst+16(FP), DI; \
-	MOVQ src+24(FP), SI; \
-	MOVQ tweaks+32(FP), BX; \
-	MOVQ nsect+40(FP), CX; \
-	MOVQ ss+48(FP), DX; \
-	VMOVDQU xtsPoly<>(SB), Y10; \
-	SHRQ $4, DX; \
-	TESTQ CX, CX; \
-	JZ   Ldone; \
-Lsector: \
-	VMOVDQU (BX), X9; \
+// XTS_V_SECTOR(OP, LAST, labels...) does one sector with VAES: DI, SI at
+// the sector, R9 its length in blocks, X9 its encrypted initial tweak T_0.
+// It ends by jumping to Lend with DI and SI past the sector. Y9 holds
+// (T_j, T_j+1) for the next block j.
+#define XTS_V_SECTOR(OP, LAST, Lloop, Ltail, Lb12, Lb10, Lt12, Lt10, Lend) \
 	MULXK(1, Y9, Y11); \
 	VINSERTI128 $1, X11, Y9, Y9; \
-	MOVQ DX, R9; \
 Lloop: \
 	CMPQ R9, $16; \
 	JB   Ltail; \
@@ -321,7 +372,7 @@ Lloop: \
 	JMP  Lloop; \
 Ltail: \
 	TESTQ R9, R9; \
-	JZ   Lnext; \
+	JZ   Lend; \
 	VBROADCASTI128 (AX), Y8; \
 	VMOVDQU (SI), X0; \
 	VPXOR   Y9, Y0, Y0; \
@@ -333,12 +384,80 @@ Ltail: \
 	ADDQ $16, SI; \
 	ADDQ $16, DI; \
 	DECQ R9; \
-	JMP  Ltail; \
+	JMP  Ltail
+
+// XTS_V(OP, LAST, labels...) is the body of a VAES XTS function with the
+// same signature as the AES-NI ones.
+#define XTS_V(OP, LAST, Lsector, Lloop, Ltail, Lb12, Lb10, Lt12, Lt10, Lnext, Ldone) \
+	SETUP_KEYS; \
+	MOVQ dst+16(FP), DI; \
+	MOVQ src+24(FP), SI; \
+	MOVQ tweaks+32(FP), BX; \
+	MOVQ nsect+40(FP), CX; \
+	MOVQ ss+48(FP), DX; \
+	VMOVDQU xtsPoly<>(SB), Y10; \
+	SHRQ $4, DX; \
+	TESTQ CX, CX; \
+	JZ   Ldone; \
+Lsector: \
+	VMOVDQU (BX), X9; \
+	MOVQ DX, R9; \
+	XTS_V_SECTOR(OP, LAST, Lloop, Ltail, Lb12, Lb10, Lt12, Lt10, Lnext); \
 Lnext: \
 	ADDQ $16, BX; \
 	DECQ CX; \
 	JNZ  Lsector; \
 Ldone: \
+	VZEROUPPER; \
+	RET
+
+// One round of the tweak cipher on X9 with round key K (a memory operand).
+#define TK(OP, K) OP K, X9, X9
+
+// Rounds 1..Nr of the tweak cipher on X9: keys at BX, R13 = BX + 16*(rounds-10).
+#define ROUNDS_TK(l12, l10) \
+	CMPQ R8, $12; \
+	JB   l10; \
+	JE   l12; \
+	TK(VAESENC, 16(BX)); \
+	TK(VAESENC, 32(BX)); \
+l12: \
+	TK(VAESENC, -16(R13)); \
+	TK(VAESENC, 0(R13)); \
+l10: \
+	TK(VAESENC, 16(R13)); \
+	TK(VAESENC, 32(R13)); \
+	TK(VAESENC, 48(R13)); \
+	TK(VAESENC, 64(R13)); \
+	TK(VAESENC, 80(R13)); \
+	TK(VAESENC, 96(R13)); \
+	TK(VAESENC, 112(R13)); \
+	TK(VAESENC, 128(R13)); \
+	TK(VAESENC, 144(R13)); \
+	TK(VAESENCLAST, 160(R13))
+
+// XTS_V1(OP, LAST, labels...) is the body of a single-sector VAES XTS
+// function
+// func(rk *byte, rounds int, tk, dst, src *byte, sector uint64, ss int)
+// that encrypts the tweak itself (tk: the tweak key's encryption round
+// keys), saving a call and a round trip through memory when a request is
+// one sector.
+#define XTS_V1(OP, LAST, Lk12, Lk10, Lloop, Ltail, Lb12, Lb10, Lt12, Lt10, Lend) \
+	SETUP_KEYS; \
+	MOVQ tk+16(FP), BX; \
+	MOVQ dst+24(FP), DI; \
+	MOVQ src+32(FP), SI; \
+	MOVQ ss+48(FP), R9; \
+	SHRQ $4, R9; \
+	MOVQ R8, R13; \
+	SHLQ $4, R13; \
+	LEAQ -160(BX)(R13*1), R13; \
+	VMOVQ sector+40(FP), X9; \
+	VPXOR (BX), X9, X9; \
+	VMOVDQU xtsPoly<>(SB), Y10; \
+	ROUNDS_TK(Lk12, Lk10); \
+	XTS_V_SECTOR(OP, LAST, Lloop, Ltail, Lb12, Lb10, Lt12, Lt10, Lend); \
+Lend: \
 	VZEROUPPER; \
 	RET
 
@@ -352,6 +471,14 @@ TEXT ·xtsEncAESNI(SB), NOSPLIT, $128-56
 // func xtsDecAESNI(rk *byte, rounds int, dst, src, tweaks *byte, nsect, ss int)
 TEXT ·xtsDecAESNI(SB), NOSPLIT, $128-56
 	XTS_SSE(AESDEC, AESDECLAST, xda_sector, xda_loop, xda_tail, xda_b12, xda_b10, xda_t12, xda_t10, xda_next, xda_done)
+
+// func xtsEncAESNI1(rk *byte, rounds int, tk, dst, src *byte, sector uint64, ss int)
+TEXT ·xtsEncAESNI1(SB), NOSPLIT, $128-56
+	XTS_SSE1(AESENC, AESENCLAST, xea1_k12, xea1_k10, xea1_loop, xea1_tail, xea1_b12, xea1_b10, xea1_t12, xea1_t10, xea1_end)
+
+// func xtsDecAESNI1(rk *byte, rounds int, tk, dst, src *byte, sector uint64, ss int)
+TEXT ·xtsDecAESNI1(SB), NOSPLIT, $128-56
+	XTS_SSE1(AESDEC, AESDECLAST, xda1_k12, xda1_k10, xda1_loop, xda1_tail, xda1_b12, xda1_b10, xda1_t12, xda1_t10, xda1_end)
 
 // func encBlocksAESNI(rk *byte, rounds int, dst, src *byte, n int)
 // ECB-encrypts n blocks (used for XTS tweaks and ESSIV IVs).
@@ -598,6 +725,14 @@ TEXT ·xtsEncVAES(SB), NOSPLIT, $256-56
 // func xtsDecVAES(rk *byte, rounds int, dst, src, tweaks *byte, nsect, ss int)
 TEXT ·xtsDecVAES(SB), NOSPLIT, $256-56
 	XTS_V(VAESDEC, VAESDECLAST, xdv_sector, xdv_loop, xdv_tail, xdv_b12, xdv_b10, xdv_t12, xdv_t10, xdv_next, xdv_done)
+
+// func xtsEncVAES1(rk *byte, rounds int, tk, dst, src *byte, sector uint64, ss int)
+TEXT ·xtsEncVAES1(SB), NOSPLIT, $256-56
+	XTS_V1(VAESENC, VAESENCLAST, xe1_k12, xe1_k10, xe1_loop, xe1_tail, xe1_b12, xe1_b10, xe1_t12, xe1_t10, xe1_end)
+
+// func xtsDecVAES1(rk *byte, rounds int, tk, dst, src *byte, sector uint64, ss int)
+TEXT ·xtsDecVAES1(SB), NOSPLIT, $256-56
+	XTS_V1(VAESDEC, VAESDECLAST, xd1_k12, xd1_k10, xd1_loop, xd1_tail, xd1_b12, xd1_b10, xd1_t12, xd1_t10, xd1_end)
 
 // func encBlocksVAES(rk *byte, rounds int, dst, src *byte, n int)
 TEXT ·encBlocksVAES(SB), NOSPLIT, $0-40

@@ -20,6 +20,21 @@ func xtsEncVAES(rk *byte, rounds int, dst, src, tweaks *byte, nsect, ss int)
 //go:noescape
 func xtsDecVAES(rk *byte, rounds int, dst, src, tweaks *byte, nsect, ss int)
 
+// The *1 variants do a single sector and encrypt its tweak themselves with
+// the tweak key's round keys tk.
+
+//go:noescape
+func xtsEncAESNI1(rk *byte, rounds int, tk, dst, src *byte, sector uint64, ss int)
+
+//go:noescape
+func xtsDecAESNI1(rk *byte, rounds int, tk, dst, src *byte, sector uint64, ss int)
+
+//go:noescape
+func xtsEncVAES1(rk *byte, rounds int, tk, dst, src *byte, sector uint64, ss int)
+
+//go:noescape
+func xtsDecVAES1(rk *byte, rounds int, tk, dst, src *byte, sector uint64, ss int)
+
 //go:noescape
 func encBlocksAESNI(rk *byte, rounds int, dst, src *byte, n int)
 
@@ -91,9 +106,27 @@ func supportedImpls() []implKind {
 // much as one block.
 const ivBatch = 16
 
+// cryptAsm does a run of whole sectors with the assembly kernels: batches of
+// up to ivBatch sectors whose tweaks (XTS) or IVs (CBC) are made together,
+// or a single fused call when the run is one XTS sector.
 func (c *Cipher) cryptAsm(dst, src []byte, first uint64, ss int, enc bool) {
-	var ivs [ivBatch * 16]byte
 	vaes := c.impl == implVAES
+	if c.mode == modeXTS && len(src) == ss {
+		// One sector: the tweak is encrypted inside the kernel.
+		sec, tk, d, s := c.ivSector(first), &c.k2.enc[0], &dst[0], &src[0]
+		switch {
+		case vaes && enc:
+			xtsEncVAES1(&c.k1.enc[0], c.k1.rounds, tk, d, s, sec, ss)
+		case vaes:
+			xtsDecVAES1(&c.k1.dec[0], c.k1.rounds, tk, d, s, sec, ss)
+		case enc:
+			xtsEncAESNI1(&c.k1.enc[0], c.k1.rounds, tk, d, s, sec, ss)
+		default:
+			xtsDecAESNI1(&c.k1.dec[0], c.k1.rounds, tk, d, s, sec, ss)
+		}
+		return
+	}
+	var ivs [ivBatch * 16]byte
 	for len(src) > 0 {
 		k := min(len(src)/ss, ivBatch)
 		c.putIVInputs(ivs[:], first, k)

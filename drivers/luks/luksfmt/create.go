@@ -258,7 +258,7 @@ func createLUKS1(w io.WriterAt, key []byte, opts *CreateOptions) (*Header, error
 	if err != nil {
 		return nil, fmt.Errorf("created luks1 header does not validate: %w", err)
 	}
-	return &Header{v1: v1}, nil
+	return &Header{version: 1, v1: v1}, nil
 }
 
 func createLUKS2(w io.WriterAt, key []byte, opts *CreateOptions) (*Header, error) {
@@ -405,16 +405,5 @@ func createLUKS2(w io.WriterAt, key []byte, opts *CreateOptions) (*Header, error
 			return nil, fmt.Errorf("writing luks2 header copy %d: %w", i+1, err)
 		}
 	}
-	return &Header{v2: h}, nil
-}
-
-// Benchmark reports how many PBKDF2 iterations per second this machine
-// computes with hash for a key of keyLen bytes (the basis of iteration
-// time calibration).
-func Benchmark(hash string, keyLen int) (float64, error) {
-	hf, err := lookupHash(hash)
-	if err != nil {
-		return 0, err
-	}
-	return pbkdf2Rate(hf, keyLen)
+	return &Header{version: 2, v2: h}, nil
 }

@@ -145,6 +145,9 @@ func TestCreateLayouts(t *testing.T) {
 					t.Fatalf("info %+v", in)
 				}
 				checkInfo(t, in, tc.info)
+				if l, s := h.Label(); l != in.Label || s != in.Subsystem {
+					t.Fatalf("Label() = %q %q, Info says %q %q", l, s, in.Label, in.Subsystem)
+				}
 				if err := h.Damage(); err != nil {
 					t.Fatal(err)
 				}
@@ -598,6 +601,9 @@ func TestLUKS2Priority(t *testing.T) {
 	text = strings.Replace(text, `"3":{"type":"luks2",`, `"3":{"type":"luks2","priority":2,`, 1)
 	setLUKS2JSON(t, dev, text)
 	h = reopen(t, dev)
+	if in := h.Info(); in.Slots[0].Priority != "ignore" || in.Slots[1].Priority != "prefer" || in.Slots[1].ID != 3 {
+		t.Fatalf("priorities in Info: %+v", in.Slots)
+	}
 	mustUnlock(t, h, passA, 3, key)
 	if err := h.KillSlot(dev, 3); err != nil {
 		t.Fatal(err)

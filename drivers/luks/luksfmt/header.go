@@ -28,7 +28,8 @@ const DefaultHash = "sha256"
 // they fail before the final header write. After any write error, reopen
 // the header from the device before trying again.
 type Header struct {
-	r io.ReaderAt // metadata device, for reading keyslot areas
+	r       io.ReaderAt // metadata device, for reading keyslot areas
+	version int         // 1 or 2, fixed at Open or Create
 
 	mu sync.RWMutex // protects v1 and v2 (their contents change on writes)
 	v1 *luks1Header // LUKS1, or nil
@@ -63,7 +64,7 @@ func Open(r io.ReaderAt, size int64) (*Header, error) {
 		if err != nil {
 			return nil, err
 		}
-		return &Header{r: r, v1: v1}, nil
+		return &Header{r: r, version: 1, v1: v1}, nil
 	}
 	v2, err := openLUKS2(r, size)
 	if err != nil {
@@ -72,16 +73,11 @@ func Open(r io.ReaderAt, size int64) (*Header, error) {
 		}
 		return nil, err
 	}
-	return &Header{r: r, v2: v2}, nil
+	return &Header{r: r, version: 2, v2: v2}, nil
 }
 
 // Version returns 1 or 2.
-func (h *Header) Version() int {
-	if h.v1 != nil {
-		return 1
-	}
-	return 2
-}
+func (h *Header) Version() int { return h.version }
 
 // UUID returns the header's UUID.
 func (h *Header) UUID() string {
@@ -191,7 +187,7 @@ func (h *Header) HeaderSize() int64 {
 
 // MaxSlots returns the number of keyslot ids: 8 for LUKS1, 32 for LUKS2.
 func (h *Header) MaxSlots() int {
-	if h.v1 != nil {
+	if h.version == 1 {
 		return luks1Slots
 	}
 	return luks2MaxKeyslots
@@ -473,11 +469,12 @@ func (h *Header) ChangeKey(w io.WriterAt, oldPass, newPass []byte, kdf KDF) (int
 		return -1, err
 	}
 	defer clear(key)
-	if h.v2 != nil {
+	if h.version == 2 {
 		h.mu.Lock()
 		defer h.mu.Unlock()
+		// The header may have changed between Unlock and Lock.
 		s := h.v2.meta.slot(slot)
-		if s == nil {
+		if s == nil || s.digest != h.v2.meta.segDigest {
 			return -1, fmt.Errorf("%w: keyslot %d", ErrSlotInactive, slot)
 		}
 		return slot, h.v2.changeKey(w, s, key, newPass, kdf)
@@ -542,7 +539,7 @@ type SlotInfo struct {
 	KDF       string `json:"kdf,omitempty"`       // extension: pbkdf2, argon2i, argon2id
 	MemoryKiB uint32 `json:"memory,omitempty"`    // extension: argon2 memory cost
 	Parallel  uint32 `json:"threads,omitempty"`   // extension: argon2 threads
-	Priority  int    `json:"priority,omitempty"`  // extension: LUKS2 priority (0 ignore, 1 normal, 2 prefer)
+	Priority  string `json:"priority,omitempty"`  // extension: LUKS2 "ignore", "normal" or "prefer"
 	KeySize   int    `json:"key-size,omitempty"`  // extension: bytes
 	AreaSize  int64  `json:"area-size,omitempty"` // extension: keyslot area bytes
 }
@@ -598,7 +595,7 @@ func (h *Header) Info() Info {
 				KDF:       s.kdf.typ,
 				MemoryKiB: s.kdf.memoryKiB,
 				Parallel:  s.kdf.parallel,
-				Priority:  s.priority,
+				Priority:  []string{"ignore", "normal", "prefer"}[s.priority],
 				KeySize:   s.keySize,
 				AreaSize:  int64(s.areaSize),
 			})

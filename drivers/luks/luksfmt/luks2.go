@@ -150,6 +150,17 @@ func trimKind(err error) string {
 	return s
 }
 
+// withContext adds context to an error's detail, keeping the sentinel's
+// message first ("unsupported luks feature: keyslot 3: ...").
+func withContext(err error, ctx string) error {
+	for _, k := range []error{ErrCorrupt, ErrUnsupported} {
+		if errors.Is(err, k) && strings.HasPrefix(err.Error(), k.Error()+": ") {
+			return fmt.Errorf("%w: %s: %s", k, ctx, trimKind(err))
+		}
+	}
+	return fmt.Errorf("%s: %w", ctx, err)
+}
+
 func primaryMagic(r io.ReaderAt) []byte {
 	b := make([]byte, 8)
 	if readFull(r, b, 0) != nil {
@@ -160,8 +171,6 @@ func primaryMagic(r io.ReaderAt) []byte {
 	}
 	return b[:6]
 }
-
-func (h *luks2Header) hdrSize() uint64 { return h.bin.hdrSize }
 
 // verifyDigest checks a key against digest d.
 func verifyDigest(d *luks2Digest, key []byte) error {
@@ -196,7 +205,7 @@ func (h *luks2Header) openSlot(r io.ReaderAt, s *luks2Keyslot, pass []byte) ([]b
 	}
 	derived, err := s.kdf.derive(pass, s.areaKeySize)
 	if err != nil {
-		return nil, fmt.Errorf("keyslot %d: %w", s.id, err)
+		return nil, withContext(err, fmt.Sprintf("keyslot %d", s.id))
 	}
 	defer clear(derived)
 	area := make([]byte, afSectors(s.keySize, stripes)*sectorSize)

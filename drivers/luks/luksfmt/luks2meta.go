@@ -552,7 +552,7 @@ func parseLUKS2Keyslot(id int, ko *jobject) (*luks2Keyslot, error) {
 		return nil, bad(err)
 	}
 	if err := p.check(); err != nil {
-		return nil, fmt.Errorf("keyslot %d: %w", id, err)
+		return nil, withContext(err, fmt.Sprintf("keyslot %d", id))
 	}
 	return ks, nil
 }

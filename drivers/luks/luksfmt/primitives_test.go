@@ -15,15 +15,6 @@ import (
 	xpbkdf2 "golang.org/x/crypto/pbkdf2"
 )
 
-func unhex(t testing.TB, s string) []byte {
-	t.Helper()
-	b, err := hex.DecodeString(s)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
 // TestPBKDF2Vectors checks the package's PBKDF2 against RFC 6070 (SHA-1)
 // and RFC 7914 section 11 (SHA-256).
 func TestPBKDF2Vectors(t *testing.T) {

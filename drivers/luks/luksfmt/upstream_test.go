@@ -252,4 +252,3 @@ func tokensJSON(t testing.TB, h *Header) string {
 	defer h.mu.RUnlock()
 	return string(h.v2.meta.tokens.marshal())
 }
-
