@@ -250,11 +250,45 @@ func (n *node) Close() error {
 	return nil
 }
 
-// FormatSpecificLUKS is QEMU's luks format-specific data plus blockd's
-// LUKS2 extensions.
-type FormatSpecificLUKS struct {
-	luksfmt.Info
-	DetachedHeader bool `json:"detached-header"`
+// qemuSlot is QEMU's QCryptoBlockInfoLUKSSlot.
+type qemuSlot struct {
+	Active    bool   `json:"active"`
+	Iters     uint32 `json:"iters,omitempty"`
+	Stripes   uint32 `json:"stripes,omitempty"`
+	KeyOffset int64  `json:"key-offset"`
+}
+
+// qemuInfo is QEMU's QCryptoBlockInfoLUKS (9.0, with detached-header), in
+// QAPI member order. LUKS1 volumes report exactly this.
+type qemuInfo struct {
+	CipherAlg      string     `json:"cipher-alg"`
+	CipherMode     string     `json:"cipher-mode"`
+	IVGenAlg       string     `json:"ivgen-alg"`
+	IVGenHashAlg   string     `json:"ivgen-hash-alg,omitempty"`
+	HashAlg        string     `json:"hash-alg"`
+	DetachedHeader bool       `json:"detached-header"`
+	PayloadOffset  int64      `json:"payload-offset"`
+	MasterKeyIters uint32     `json:"master-key-iters"`
+	UUID           string     `json:"uuid"`
+	Slots          []qemuSlot `json:"slots"`
+}
+
+// luks2Info adds blockd's LUKS2 members (see docs/qmp.md).
+type luks2Info struct {
+	CipherAlg      string             `json:"cipher-alg"`
+	CipherMode     string             `json:"cipher-mode"`
+	IVGenAlg       string             `json:"ivgen-alg"`
+	IVGenHashAlg   string             `json:"ivgen-hash-alg,omitempty"`
+	HashAlg        string             `json:"hash-alg"`
+	DetachedHeader bool               `json:"detached-header"`
+	PayloadOffset  int64              `json:"payload-offset"`
+	MasterKeyIters uint32             `json:"master-key-iters"`
+	UUID           string             `json:"uuid"`
+	Slots          []luksfmt.SlotInfo `json:"slots"`
+	Version        int                `json:"version"`
+	SectorSize     int                `json:"sector-size"`
+	Label          string             `json:"label,omitempty"`
+	Subsystem      string             `json:"subsystem,omitempty"`
 }
 
 // ImageInfoSpecific is QEMU's {type, data} union.
@@ -263,13 +297,26 @@ type ImageInfoSpecific struct {
 	Data any    `json:"data"`
 }
 
-func (n *node) Info() graph.ImageInfo {
+func (n *node) formatSpecific() any {
 	in := n.hdr.Info()
-	return graph.ImageInfo{
-		ActualSize:     -1,
-		Encrypted:      true,
-		FormatSpecific: ImageInfoSpecific{Type: "luks", Data: FormatSpecificLUKS{Info: in, DetachedHeader: in.PayloadOffset == 0}},
+	detached := in.PayloadOffset == 0
+	if in.Version == 1 {
+		q := qemuInfo{CipherAlg: in.CipherAlg, CipherMode: in.CipherMode, IVGenAlg: in.IVGenAlg, IVGenHashAlg: in.IVGenHashAlg,
+			HashAlg: in.HashAlg, DetachedHeader: detached, PayloadOffset: in.PayloadOffset, MasterKeyIters: in.MasterKeyIters, UUID: in.UUID}
+		for _, sl := range in.Slots {
+			q.Slots = append(q.Slots, qemuSlot{Active: sl.Active, Iters: sl.Iters, Stripes: sl.Stripes, KeyOffset: sl.KeyOffset})
+		}
+		return ImageInfoSpecific{Type: "luks", Data: q}
 	}
+	return ImageInfoSpecific{Type: "luks", Data: luks2Info{CipherAlg: in.CipherAlg, CipherMode: in.CipherMode, IVGenAlg: in.IVGenAlg,
+		IVGenHashAlg: in.IVGenHashAlg, HashAlg: in.HashAlg, DetachedHeader: detached, PayloadOffset: in.PayloadOffset,
+		MasterKeyIters: in.MasterKeyIters, UUID: in.UUID, Slots: in.Slots, Version: in.Version, SectorSize: in.SectorSize,
+		Label: in.Label, Subsystem: in.Subsystem}}
+}
+
+func (n *node) Info() graph.ImageInfo {
+	dirty := false
+	return graph.ImageInfo{ActualSize: -1, Encrypted: true, DirtyFlag: &dirty, FormatSpecific: n.formatSpecific()}
 }
 
 // StrongOptions reports key-secret: the node's contents depend on it, so
