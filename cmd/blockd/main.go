@@ -16,6 +16,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"blockd/drivers/blkdebug"
 	"blockd/drivers/file"
 	"blockd/drivers/luks"
 	"blockd/drivers/null"
@@ -120,7 +121,7 @@ func parseArgs(args []string) ([]opt, error) {
 
 // Drivers returns the block drivers blockd registers.
 func Drivers() []*graph.Driver {
-	return []*graph.Driver{file.Driver(), raw.Driver(), null.Driver(), luks.Driver()}
+	return []*graph.Driver{file.Driver(), raw.Driver(), null.Driver(), luks.Driver(), blkdebug.Driver()}
 }
 
 func run(args []string) int {
