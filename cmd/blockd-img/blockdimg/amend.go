@@ -1,0 +1,120 @@
+package blockdimg
+
+import (
+	"fmt"
+
+	"blockd/graph"
+	"blockd/internal/qapi"
+)
+
+func cmdAmend(e *env, args []string) error {
+	opts, rest, err := getopt(args, ":ho:f:t:pq", []longOpt{
+		{"help", false, 'h'}, {"object", true, optObject}, {"image-opts", false, optImageOpts}, {"force", false, optForce},
+	})
+	if err != nil {
+		return err
+	}
+	o := openOpts{write: true}
+	options, quiet, progress, force := "", false, false, false
+	for _, p := range opts {
+		switch p.id {
+		case 'h':
+			return helpRequested(e)
+		case 'o':
+			if options, err = accumulateOptions(options, p.arg); err != nil {
+				return err
+			}
+		case 'f':
+			o.fmt = p.arg
+		case 't':
+			o.cache = p.arg
+		case 'p':
+			progress = true
+		case 'q':
+			quiet = true
+		case optObject:
+			if err := e.addObject(p.arg); err != nil {
+				return err
+			}
+		case optImageOpts:
+			o.imageOpts = true
+		case optForce:
+			force = true
+		}
+	}
+	if options == "" {
+		return usagef("Must specify options (-o)")
+	}
+	if quiet {
+		progress = false
+	}
+	if o.fmt != "" && hasHelpOption(options) {
+		return e.printAmendHelp(o.fmt)
+	}
+	if len(rest) != 1 {
+		return failf("Expecting one image file name")
+	}
+	if _, _, _, ok := cacheFlags(o.cache); !ok {
+		return failf("Invalid cache option: %s", o.cache)
+	}
+	o.quiet = quiet
+	im, err := e.open(rest[0], o)
+	if err != nil {
+		return err
+	}
+	defer im.close()
+	format := im.format
+	if hasHelpOption(options) {
+		return e.printAmendHelp(format)
+	}
+	drv := im.bds.Driver()
+	list := amendOptsFor(format)
+	amender, ok := im.bds.Node().(graph.Amender)
+	if drv.AmendOptions == nil || list == nil || !ok {
+		return failf("Format driver '%s' does not support option amendment", format)
+	}
+	aOpts := newOpts(list)
+	if err := aOpts.parse(options); err != nil {
+		if cOpts, cerr := e.formatOpts(format); cerr == nil && cOpts.parse(options) == nil {
+			return failf("%v\nThis option is only supported for image creation", err)
+		}
+		return failf("%v", err)
+	}
+	tree := map[string]any{}
+	if err := aOpts.qapiTree(tree); err != nil {
+		return failf("%v", err)
+	}
+	if enc, ok := tree["encrypt"].(map[string]any); ok {
+		setDefault(enc, "format", "luks")
+	}
+	v := drv.AmendOptions()
+	if err := qapi.Decode(tree, false, v); err != nil {
+		return failf("%v", err)
+	}
+	bar := newProgress(e, progress, 100, "amend")
+	err = amender.Amend(e.ctx, v, force)
+	if err == nil {
+		bar.set(100)
+	}
+	bar.finish()
+	if err != nil {
+		return failf("%v", err)
+	}
+	if err := im.blk.Flush(e.ctx); err != nil {
+		return failf("%s", errno(err))
+	}
+	return nil
+}
+
+func (e *env) printAmendHelp(format string) error {
+	if e.g.Driver(format) == nil {
+		return failf("Unknown file format '%s'", format)
+	}
+	list := amendOptsFor(format)
+	if list == nil || e.g.Driver(format).AmendOptions == nil {
+		return failf("Format driver '%s' does not support option amendment", format)
+	}
+	fmt.Fprintf(e.stdout, "Amend options for '%s':\n", format)
+	newOpts(list).printHelp(e.stdout)
+	return nil
+}

@@ -1,0 +1,111 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+
+	"blockd/internal/testutil"
+)
+
+var (
+	fixtureOnce sync.Once
+	fixtureDir  string
+	fixtureErr  string
+)
+
+// Secrets used by the fixtures: pw unlocks every LUKS image.
+const (
+	objPW  = "secret,id=s0,file=pw"
+	objPW2 = "secret,id=s1,file=pw2"
+)
+
+// fixture returns a directory of test images shared by the read-only
+// cases (cases that change images work on copies):
+//
+//	r.img    10 MiB raw: 4 KiB of data at 0, "hello" at 1 MiB, holes
+//	r2.img   r.img with one byte changed at 5000
+//	r3.img   11 MiB of zeroes (sparse)
+//	src.img  32 MiB raw: data [0,8M), written zeroes [8M,10M), data
+//	         [10M,12M), hole to the end
+//	odd.img  1000 bytes of data (not a multiple of 512)
+//	l1.img   LUKS1 (cryptsetup), 16 MiB payload, data at 0 and 4 MiB
+//	l2.img   LUKS2 (cryptsetup), 16 MiB payload (blockd-img only)
+//	q.qcow2  src.img converted to qcow2 by qemu-img
+//	base.qcow2, top.qcow2  a backing chain with data in both layers
+//	pw, pw2  passphrases
+func fixture(t *testing.T) string {
+	t.Helper()
+	testutil.NeedTool(t, "qemu-img")
+	testutil.NeedTool(t, "qemu-io")
+	testutil.NeedTool(t, "cryptsetup")
+	fixtureOnce.Do(func() {
+		dir := filepath.Join(filepath.Dir(bimg), "fixture")
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			fixtureErr = err.Error()
+			return
+		}
+		ft := &fixtureT{T: t}
+		buildFixture(ft, dir)
+		if ft.failed {
+			fixtureErr = "building the fixture failed"
+			return
+		}
+		fixtureDir = dir
+	})
+	if fixtureDir == "" {
+		t.Fatalf("fixture: %s", fixtureErr)
+	}
+	return fixtureDir
+}
+
+type fixtureT struct {
+	*testing.T
+	failed bool
+}
+
+func buildFixture(ft *fixtureT, dir string) {
+	t := ft.T
+	must := func(err error) {
+		if err != nil {
+			ft.failed = true
+			t.Fatal(err)
+		}
+	}
+	must(os.WriteFile(filepath.Join(dir, "pw"), []byte("abc"), 0o600))
+	must(os.WriteFile(filepath.Join(dir, "pw2"), []byte("xyz"), 0o600))
+	mustRun(t, dir, "qemu-img", "create", "-q", "-f", "raw", "r.img", "10M")
+	writeAt(t, filepath.Join(dir, "r.img"), 0, pattern(4096, 1))
+	writeAt(t, filepath.Join(dir, "r.img"), 1<<20, []byte("hello"))
+	mustRun(t, dir, "cp", "--sparse=always", "r.img", "r2.img")
+	writeAt(t, filepath.Join(dir, "r2.img"), 5000, []byte("x"))
+	mustRun(t, dir, "qemu-img", "create", "-q", "-f", "raw", "r3.img", "11M")
+	src := filepath.Join(dir, "src.img")
+	must(os.WriteFile(src, pattern(8<<20, 2), 0o644))
+	writeAt(t, src, 8<<20, make([]byte, 2<<20))
+	writeAt(t, src, 10<<20, pattern(2<<20, 3))
+	must(os.Truncate(src, 32<<20))
+	must(os.WriteFile(filepath.Join(dir, "odd.img"), pattern(1000, 4), 0o644))
+	for _, l := range []struct{ name, typ string }{{"l1.img", "luks1"}, {"l2.img", "luks2"}} {
+		p := filepath.Join(dir, l.name)
+		hdr := int64(2 << 20)
+		if l.typ == "luks2" {
+			hdr = 16 << 20
+		}
+		must(os.WriteFile(p, nil, 0o644))
+		must(os.Truncate(p, hdr+16<<20))
+		args := []string{"luksFormat", "--batch-mode", "--type", l.typ, "--key-file", "pw", "--pbkdf-force-iterations", "1000"}
+		if l.typ == "luks2" {
+			args = append(args, "--pbkdf", "pbkdf2")
+		}
+		mustRun(t, dir, "cryptsetup", append(args, l.name)...)
+	}
+	mustRun(t, dir, "qemu-io", "--object", objPW, "--image-opts", "driver=luks,key-secret=s0,file.filename=l1.img",
+		"-c", "write -P 0x5a 0 1M", "-c", "write -P 0xa5 4M 64k")
+	mustRun(t, dir, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", "src.img", "q.qcow2")
+	mustRun(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "16M")
+	mustRun(t, dir, "qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", "-c", "write -P 2 8M 1M", "base.qcow2")
+	mustRun(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2")
+	mustRun(t, dir, "qemu-io", "-f", "qcow2", "-c", "write -P 3 512k 1M", "-c", "write -z 8M 64k", "top.qcow2")
+}

@@ -1,0 +1,100 @@
+package qcow2
+
+import (
+	"context"
+
+	"blockd/drivers/luks/luksfmt"
+	"blockd/drivers/qcow2/qcow2fmt"
+	"blockd/graph"
+)
+
+// EncryptInfo is ImageInfoSpecificQCow2Encryption: the format and, for
+// LUKS, the header summary.
+type EncryptInfo struct {
+	Format string `json:"format"`
+	*luksfmt.Info
+}
+
+// BitmapInfo is Qcow2BitmapInfo.
+type BitmapInfo struct {
+	Name        string   `json:"name"`
+	Granularity uint32   `json:"granularity"`
+	Flags       []string `json:"flags"`
+}
+
+// FormatSpecific is ImageInfoSpecificQCow2 (QEMU 7.2), members in QAPI
+// order.
+type FormatSpecific struct {
+	Compat          string       `json:"compat"`
+	DataFile        *string      `json:"data-file,omitempty"`
+	DataFileRaw     *bool        `json:"data-file-raw,omitempty"`
+	ExtendedL2      *bool        `json:"extended-l2,omitempty"`
+	LazyRefcounts   *bool        `json:"lazy-refcounts,omitempty"`
+	Corrupt         *bool        `json:"corrupt,omitempty"`
+	RefcountBits    int          `json:"refcount-bits"`
+	Encrypt         *EncryptInfo `json:"encrypt,omitempty"`
+	Bitmaps         []BitmapInfo `json:"bitmaps,omitempty"`
+	CompressionType string       `json:"compression-type"`
+}
+
+// ImageInfoSpecific is QEMU's {type, data} union.
+type ImageInfoSpecific struct {
+	Type string `json:"type"`
+	Data any    `json:"data"`
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// Info implements graph.Infoer.
+func (n *node) Info() graph.ImageInfo {
+	n.metaMu.Lock()
+	h := n.h.Clone()
+	n.metaMu.Unlock()
+	dirty := h.IncompatibleFeatures&qcow2fmt.IncompatDirty != 0
+	fs := FormatSpecific{RefcountBits: h.RefcountBits(), CompressionType: "zlib"}
+	if h.CompressionType == qcow2fmt.CompressionZstd {
+		fs.CompressionType = "zstd"
+	}
+	if h.Version == 2 {
+		fs.Compat = "0.10"
+	} else {
+		fs.Compat = "1.1"
+		fs.LazyRefcounts = ptr(h.CompatibleFeatures&qcow2fmt.CompatLazyRefcounts != 0)
+		fs.Corrupt = ptr(h.IncompatibleFeatures&qcow2fmt.IncompatCorrupt != 0)
+		fs.ExtendedL2 = ptr(h.ExtendedL2())
+		if h.HasDataFileName {
+			fs.DataFile = ptr(h.DataFile)
+		}
+		if h.HasDataFile() {
+			fs.DataFileRaw = ptr(h.DataFileRaw())
+		}
+		if h.Bitmaps != nil {
+			if bms, err := qcow2fmt.Bitmaps(childIO{context.Background(), n.file}, h, n.file.Size()); err == nil {
+				for _, b := range bms {
+					bi := BitmapInfo{Name: b.Name, Granularity: uint32(1) << (b.GranularityBits & 31), Flags: []string{}}
+					if b.Flags&qcow2fmt.BitmapInUse != 0 {
+						bi.Flags = append(bi.Flags, "in-use")
+					}
+					if b.Flags&qcow2fmt.BitmapAuto != 0 {
+						bi.Flags = append(bi.Flags, "auto")
+					}
+					fs.Bitmaps = append(fs.Bitmaps, bi)
+				}
+			}
+		}
+	}
+	if n.luks != nil {
+		in := n.luks.Info()
+		fs.Encrypt = &EncryptInfo{Format: "luks", Info: &in}
+	}
+	return graph.ImageInfo{
+		ActualSize:            -1,
+		ClusterSize:           n.cs(),
+		DirtyFlag:             &dirty,
+		Encrypted:             n.cipher != nil,
+		BackingFilename:       h.BackingFile,
+		FullBackingFilename:   n.backName,
+		BackingFilenameFormat: h.BackingFormat,
+		FormatSpecific:        ImageInfoSpecific{Type: "qcow2", Data: fs},
+	}
+}

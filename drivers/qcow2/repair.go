@@ -1,0 +1,129 @@
+package qcow2
+
+import (
+	"context"
+	"fmt"
+
+	"blockd/drivers/qcow2/qcow2fmt"
+)
+
+// adjust records, during a repair, references the repair itself adds or
+// drops (new refcount blocks and tables). metaMu is held.
+func (m *image) adjust(c, delta int64) {
+	if m.repairAdj != nil {
+		m.repairAdj[c] += delta
+	}
+}
+
+// repairLocked makes the stored refcounts match the references the
+// metadata implies (after a crash with lazy refcounts, or any leak), fixes
+// the COPIED flags of the active tables and clears the dirty bit. It
+// refuses images whose tables are damaged. metaMu is held.
+func (m *image) repairLocked(ctx context.Context) error {
+	refs, err := qcow2fmt.References(childIO{ctx, m.file}, m.h, m.file.Size())
+	if err != nil {
+		return err
+	}
+	if len(refs.Problems) > 0 {
+		return fmt.Errorf("%s", refs.Problems[0])
+	}
+	m.repairAdj = map[int64]int64{}
+	want := func(c int64) uint64 {
+		v := int64(refs.Count(c)) + m.repairAdj[c]
+		if v < 0 {
+			return 0
+		}
+		return min(uint64(v), m.g.RefcountMax)
+	}
+	m.reserved = func(c int64) bool { return want(c) > 0 }
+	defer func() { m.reserved, m.repairAdj = nil, nil }()
+	bits := m.g.RefblockBits
+	limit := max(refs.Clusters(), int64(len(m.reftable))<<bits)
+	for c := int64(0); c < limit; c++ {
+		b, err := m.refblock(ctx, c>>bits)
+		if err != nil {
+			return err
+		}
+		if b == nil {
+			// Nothing stored here: only references need a block.
+			if c >= refs.Clusters() || want(c) == 0 {
+				continue
+			}
+		}
+		if err := m.setRefcount(ctx, c, want(c)); err != nil {
+			return err
+		}
+	}
+	if err := m.fixCopiedLocked(ctx); err != nil {
+		return err
+	}
+	if _, err := m.flushRefblocks(ctx); err != nil {
+		return err
+	}
+	if err := m.file.Flush(ctx); err != nil {
+		return err
+	}
+	m.freeHint = 0
+	return m.setIncompatible(ctx, qcow2fmt.IncompatDirty, false)
+}
+
+// fixCopiedLocked sets the COPIED flag of active L1 and L2 entries exactly
+// where the refcount is one (always for an external data file). metaMu is
+// held and the L2 cache is empty.
+func (m *image) fixCopiedLocked(ctx context.Context) error {
+	g := m.g
+	cs := g.ClusterSize
+	buf := make([]byte, cs)
+	for i, e := range m.l1 {
+		off := int64(e & qcow2fmt.L1OffsetMask)
+		if off == 0 {
+			continue
+		}
+		rc, err := m.refcount(ctx, off>>g.ClusterBits)
+		if err != nil {
+			return err
+		}
+		ne := e &^ qcow2fmt.OflagCopied
+		if rc == 1 {
+			ne |= qcow2fmt.OflagCopied
+		}
+		if ne != e {
+			if err := m.writeL1Entry(ctx, int64(i), ne); err != nil {
+				return err
+			}
+		}
+		if err := m.file.ReadAt(ctx, buf, off); err != nil {
+			return err
+		}
+		changed := false
+		for j := int64(0); j < g.L2Entries; j++ {
+			le, bm := g.L2Entry(buf, j)
+			t := g.ClusterType(le)
+			if t != qcow2fmt.ClusterNormal && t != qcow2fmt.ClusterZeroAlloc {
+				continue
+			}
+			copied := true
+			if !g.DataFile {
+				rc, err := m.refcount(ctx, qcow2fmt.HostOffset(le)>>g.ClusterBits)
+				if err != nil {
+					return err
+				}
+				copied = rc == 1
+			}
+			nle := le &^ qcow2fmt.OflagCopied
+			if copied {
+				nle |= qcow2fmt.OflagCopied
+			}
+			if nle != le {
+				g.SetL2Entry(buf, j, nle, bm)
+				changed = true
+			}
+		}
+		if changed {
+			if err := m.file.WriteAt(ctx, buf, off, 0); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
