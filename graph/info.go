@@ -220,3 +220,15 @@ func (g *Graph) QueryNamedBlockNodes(flat bool) []BlockDeviceInfo {
 	}
 	return out
 }
+
+// backingChild returns the node's backing edge, or nil.
+func (b *BDS) backingChild() *Child {
+	b.g.mu.Lock()
+	defer b.g.mu.Unlock()
+	for _, c := range b.children {
+		if c.role&RoleCOW != 0 {
+			return c
+		}
+	}
+	return nil
+}

@@ -366,3 +366,60 @@ func (c *Child) Truncate(ctx context.Context, size int64, mode Prealloc) error {
 	}
 	return &OpError{Op: "truncate", Node: c.node.name, Off: size, Err: ErrNotSupported}
 }
+
+// BlockStatusAbove reports allocation through the whole backing chain the
+// way QEMU's NBD server does (bdrv_block_status_above): a range the node
+// leaves to its backing file takes the status of the layers below, and
+// anything that reads as zeroes without stored data (holes, zero clusters)
+// is a hole that reads as zeroes.
+func (c *Child) BlockStatusAbove(ctx context.Context, off, n int64) ([]Extent, error) {
+	ext, err := c.BlockStatus(ctx, off, n)
+	if err != nil {
+		return nil, err
+	}
+	back := c.node.backingChild()
+	out := make([]Extent, 0, len(ext))
+	pos := off
+	for _, e := range ext {
+		if e.Flags&ExtentZero != 0 {
+			e.Flags = ExtentHole | ExtentZero
+		}
+		if back == nil || e.Flags&ExtentHole == 0 || e.Flags&ExtentZero != 0 {
+			out = appendExtent(out, e)
+			pos += e.Length
+			continue
+		}
+		end := pos + e.Length
+		for pos < end {
+			bsize := back.Size()
+			if pos >= bsize {
+				out = appendExtent(out, Extent{Length: end - pos, Flags: ExtentHole | ExtentZero})
+				pos = end
+				break
+			}
+			sub, err := back.BlockStatusAbove(ctx, pos, min(end, bsize)-pos)
+			if err != nil {
+				return nil, err
+			}
+			if len(sub) == 0 {
+				return nil, &OpError{Op: "status", Node: back.node.name, Off: pos, Len: end - pos, Err: ErrCorrupt}
+			}
+			for _, s := range sub {
+				out = appendExtent(out, s)
+				pos += s.Length
+			}
+		}
+	}
+	return out, nil
+}
+
+func appendExtent(out []Extent, e Extent) []Extent {
+	if e.Length <= 0 {
+		return out
+	}
+	if k := len(out); k > 0 && out[k-1].Flags == e.Flags {
+		out[k-1].Length += e.Length
+		return out
+	}
+	return append(out, e)
+}

@@ -20,6 +20,7 @@ import (
 	"blockd/drivers/file"
 	"blockd/drivers/luks"
 	"blockd/drivers/null"
+	"blockd/drivers/qcow2"
 	"blockd/drivers/raw"
 	"blockd/graph"
 	"blockd/internal/daemon"
@@ -121,7 +122,7 @@ func parseArgs(args []string) ([]opt, error) {
 
 // Drivers returns the block drivers blockd registers.
 func Drivers() []*graph.Driver {
-	return []*graph.Driver{file.Driver(), raw.Driver(), null.Driver(), luks.Driver(), blkdebug.Driver()}
+	return []*graph.Driver{file.Driver(), raw.Driver(), null.Driver(), luks.Driver(), qcow2.Driver(), blkdebug.Driver()}
 }
 
 func run(args []string) int {

@@ -315,12 +315,22 @@ func (d *Daemon) addExport(a blockExportArgs) error {
 	if err != nil {
 		return err
 	}
-	if err := d.nbd.srv.AddExport(&nbd.Export{Name: name, Description: desc, Node: be, ReadOnly: !writable}); err != nil {
+	if err := d.nbd.srv.AddExport(&nbd.Export{Name: name, Description: desc, Node: exportNode{be}, ReadOnly: !writable}); err != nil {
 		d.Graph.ReleaseBackend(be)
 		return err
 	}
 	d.nbd.exports = append(d.nbd.exports, &export{id: a.ID, name: name, node: a.NodeName, backend: be})
 	return nil
+}
+
+// exportNode is what an NBD export serves: the node through its backend
+// edge, with block status answered for the whole backing chain (what
+// base:allocation means to clients, as in QEMU).
+type exportNode struct{ *graph.Child }
+
+// BlockStatus implements graph.BlockStatuser.
+func (e exportNode) BlockStatus(ctx context.Context, off, n int64) ([]graph.Extent, error) {
+	return e.Child.BlockStatusAbove(ctx, off, n)
 }
 
 // deleteExport withdraws x; the BLOCK_EXPORT_DELETED event follows once its
