@@ -178,32 +178,38 @@ func create(ctx context.Context, cc *graph.CreateContext, v any) error {
 	meta := file
 	if header != nil {
 		meta = header
-		if err := header.Truncate(ctx, 0, graph.PreallocOff); err != nil {
-			return err
-		}
 	}
 	hdr, key, err := luksfmt.Create(ChildIO{Ctx: ctx, Child: meta}, fo)
 	if err != nil {
 		return err
 	}
 	luksfmt.Wipe(key)
+	// Like QEMU (truncate with exact=false), devices grow to what the
+	// volume needs but are never shrunk.
 	if header != nil {
-		if err := header.Truncate(ctx, hdr.HeaderSize(), graph.PreallocOff); err != nil {
+		if err := grow(ctx, header, hdr.HeaderSize(), graph.PreallocOff); err != nil {
 			return err
 		}
 		if err := header.Flush(ctx); err != nil {
 			return err
 		}
 		if file != nil {
-			if err := file.Truncate(ctx, int64(opts.Size), prealloc); err != nil {
+			if err := grow(ctx, file, int64(opts.Size), prealloc); err != nil {
 				return err
 			}
 		}
-	} else if err := file.Truncate(ctx, hdr.PayloadOffset()+int64(opts.Size), prealloc); err != nil {
+	} else if err := grow(ctx, file, hdr.PayloadOffset()+int64(opts.Size), prealloc); err != nil {
 		return err
 	}
 	if file != nil {
 		return file.Flush(ctx)
 	}
 	return nil
+}
+
+func grow(ctx context.Context, c *graph.Child, size int64, prealloc graph.Prealloc) error {
+	if c.Size() >= size {
+		return nil
+	}
+	return c.Truncate(ctx, size, prealloc)
 }
