@@ -151,19 +151,17 @@ func Driver() *graph.Driver {
 
 // rule is one inject-error rule.
 type rule struct {
-	event    Event
-	state    int64
-	iotypes  uint8 // bit per ioType
-	errno    syscall.Errno
-	offset   int64 // byte offset of the sector, -1 for any
-	once     bool
-	after    int64
-	delay    time.Duration
-	armed    bool
-	removed  bool
-	matched  int64 // matching requests seen while armed
-	fired    int64
-	original InjectError
+	event   Event
+	state   int64
+	iotypes uint8 // bit per ioType
+	errno   syscall.Errno
+	offset  int64 // byte offset of the sector, -1 for any
+	once    bool
+	after   int64
+	delay   time.Duration
+	armed   bool
+	removed bool
+	matched int64 // matching requests seen while armed
 }
 
 type stateRule struct {
@@ -178,11 +176,10 @@ type node struct {
 	maxTransfer int64
 	opts        *Options
 
-	mu         sync.Mutex // protects state, rules (their counters and flags) and injected
+	mu         sync.Mutex // protects state and the rules' flags and counters
 	state      int64
 	rules      []*rule
 	stateRules []stateRule
-	injected   int64 // requests failed or delayed so far
 }
 
 func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
@@ -243,7 +240,7 @@ func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 }
 
 func newRule(ie InjectError) (*rule, error) {
-	r := &rule{event: "none", errno: syscall.EIO, offset: -1, original: ie}
+	r := &rule{event: "none", errno: syscall.EIO, offset: -1}
 	if ie.Event != nil {
 		r.event = *ie.Event
 	}
@@ -330,7 +327,6 @@ func (n *node) check(ctx context.Context, t ioType, off, l int64, evs ...Event) 
 		if r.matched <= r.after {
 			continue
 		}
-		r.fired++
 		delay += r.delay
 		if r.once {
 			r.removed = true
@@ -339,9 +335,6 @@ func (n *node) check(ctx context.Context, t ioType, off, l int64, evs ...Event) 
 			errno = r.errno
 			break
 		}
-	}
-	if delay > 0 || errno != 0 {
-		n.injected++
 	}
 	n.mu.Unlock()
 	if delay > 0 {
@@ -357,13 +350,6 @@ func (n *node) check(ctx context.Context, t ioType, off, l int64, evs ...Event) 
 		return errno
 	}
 	return nil
-}
-
-// Injected returns how many requests the node has failed or delayed.
-func (n *node) Injected() int64 {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	return n.injected
 }
 
 func (n *node) Size() int64 { return n.image.Size() }

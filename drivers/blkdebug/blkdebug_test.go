@@ -23,9 +23,11 @@ func memDriver() *graph.Driver {
 		Size int64 `json:"size"`
 	}
 	return &graph.Driver{
-		Name:     "mem",
-		Options:  func() any { return new(opts) },
-		Open:     func(_ context.Context, _ *graph.Opener, v any) (graph.Node, error) { return graph.NewMemNode(v.(*opts).Size), nil },
+		Name:    "mem",
+		Options: func() any { return new(opts) },
+		Open: func(_ context.Context, _ *graph.Opener, v any) (graph.Node, error) {
+			return graph.NewMemNode(v.(*opts).Size), nil
+		},
 		Protocol: true,
 	}
 }

@@ -139,6 +139,7 @@ func (n *node) openBacking(ctx context.Context, o *graph.Opener, opts *Options, 
 	}
 	if opts.Backing != nil {
 		if opts.Backing.Null {
+			n.noBacking = h.BackingFile != ""
 			return nil
 		}
 		c, err := o.Child(ctx, "backing", &opts.Backing.Ref, graph.ChildSpec{Role: graph.RoleCOW})

@@ -15,14 +15,18 @@ import (
 // measure the qcow2 layer and not the file system.
 func memDriver() *graph.Driver {
 	type opts struct {
-		Size int64 `json:"size"`
+		Size     int64 `json:"size"`
+		Capacity int64 `json:"capacity"`
 	}
 	return &graph.Driver{
 		Name:     "mem",
 		Options:  func() any { return new(opts) },
 		Protocol: true,
-		Open: func(_ context.Context, _ *graph.Opener, v any) (graph.Node, error) {
-			return graph.NewMemNode(v.(*opts).Size), nil
+		Open: func(ctx context.Context, _ *graph.Opener, v any) (graph.Node, error) {
+			o := v.(*opts)
+			// Reserve the capacity so that growing does not copy.
+			n := graph.NewMemNode(max(o.Size, o.Capacity))
+			return n, n.Truncate(ctx, o.Size)
 		},
 	}
 }
@@ -44,7 +48,7 @@ func benchImage(b *testing.B, size int64, create string) (*image, *graph.Child) 
 	g := graph.New(nil, memDriver(), Driver())
 	b.Cleanup(g.Close)
 	ctx := context.Background()
-	if _, err := g.Add(ctx, benchTree(b, `{"driver":"mem","node-name":"m","size":0}`), false); err != nil {
+	if _, err := g.Add(ctx, benchTree(b, `{"driver":"mem","node-name":"m","size":0,"capacity":`+itoa(size+size/8+(4<<20))+`}`), false); err != nil {
 		b.Fatal(err)
 	}
 	if err := g.Create(ctx, benchTree(b, `{"driver":"qcow2","file":"m","size":`+itoa(size)+create+`}`)); err != nil {

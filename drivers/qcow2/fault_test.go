@@ -100,7 +100,7 @@ func (n *faultyNode) Flush(ctx context.Context) error {
 	return n.c.Flush(ctx)
 }
 
-func (n *faultyNode) Size() int64 { return n.c.Size() }
+func (n *faultyNode) Size() int64  { return n.c.Size() }
 func (n *faultyNode) Close() error { return nil }
 func (n *faultyNode) TruncatePrealloc(ctx context.Context, size int64, m graph.Prealloc) error {
 	return n.c.Truncate(ctx, size, m)

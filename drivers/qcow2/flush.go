@@ -322,8 +322,8 @@ func (m *image) preallocate(ctx context.Context, from, to int64) (int64, error) 
 // backing file: zero clusters on version 3, explicit zeroes (up to the end
 // of the backing file) on version 2.
 func (m *image) zeroNewArea(ctx context.Context, old, size int64) error {
-	unlock := m.lockStripes(old, size-old, true)
-	defer unlock()
+	st := m.lockStripes(old, size-old, true)
+	defer m.unlockStripes(st)
 	if m.version >= 3 {
 		return m.zeroes(ctx, old, size-old, 0)
 	}

@@ -143,10 +143,22 @@ func readAll(t testing.TB, c *graph.Child) []byte {
 	return buf
 }
 
-// qemuImg runs qemu-img (skipping without it outside CI).
+// qemuImg runs qemu-img (skipping without it outside CI). LUKS creation
+// sometimes fails on these machines with "Unable to get accurate CPU
+// usage"; that is retried.
 func qemuImg(t testing.TB, args ...string) string {
 	t.Helper()
-	return testutil.Run(t, "qemu-img", args...)
+	testutil.NeedTool(t, "qemu-img")
+	for try := 0; ; try++ {
+		out, err := testutil.RunErr("qemu-img", args...)
+		if err == nil {
+			return out
+		}
+		if try < 10 && strings.Contains(out, "Unable to get accurate CPU usage") {
+			continue
+		}
+		t.Fatalf("qemu-img %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
 }
 
 func qemuIO(t testing.TB, args ...string) string {

@@ -3,7 +3,6 @@ package qcow2
 import (
 	"context"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"sync"
@@ -131,7 +130,7 @@ func (r childIO) ReadAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
-// readFile reads from a child; bytes past its end read as zeroes (as QEMU
+// readChild reads from a child; bytes past its end read as zeroes (as QEMU
 // pads reads at the end of a file).
 func readChild(ctx context.Context, c *graph.Child, p []byte, off int64) error {
 	size := c.Size()
@@ -147,8 +146,8 @@ func readChild(ctx context.Context, c *graph.Child, p []byte, off int64) error {
 	return c.ReadAt(ctx, p[:n], off)
 }
 
-// ensureFileSize grows child c to at least end bytes. metaMu is held (or
-// the image is not shared yet).
+// ensureSize grows child c to at least end bytes. metaMu is held (or the
+// image is not shared yet).
 func (m *image) ensureSize(ctx context.Context, c *graph.Child, end int64) error {
 	if end <= c.Size() {
 		return nil
@@ -165,8 +164,8 @@ func (m *image) writeMeta(ctx context.Context, p []byte, off int64) error {
 	return m.file.WriteAt(ctx, p, off, 0)
 }
 
-// writeHeaderFields rewrites the whole header cluster from m.h. metaMu is
-// held.
+// writeHeader rewrites the whole header cluster from m.h and flushes.
+// metaMu is held.
 func (m *image) writeHeader(ctx context.Context) error {
 	buf, err := m.h.Marshal(true)
 	if err != nil {
@@ -206,24 +205,30 @@ func (m *image) setIncompatible(ctx context.Context, bits uint64, on bool) error
 	return nil
 }
 
-// lockStripes locks the guest clusters of [off, off+n) and returns the
-// unlock function.
-func (m *image) lockStripes(off, n int64, write bool) func() {
-	var set [nStripes / 64]uint64
+// stripeSet is a set of locked stripes.
+type stripeSet struct {
+	set   [nStripes / 64]uint64
+	write bool
+}
+
+// lockStripes locks the guest clusters of [off, off+n) (in ascending
+// stripe order) and returns what unlockStripes releases.
+func (m *image) lockStripes(off, n int64, write bool) stripeSet {
+	s := stripeSet{write: write}
 	first := off >> m.g.ClusterBits
 	last := (off + max(n, 1) - 1) >> m.g.ClusterBits
 	if last-first >= nStripes {
-		for i := range set {
-			set[i] = ^uint64(0)
+		for i := range s.set {
+			s.set[i] = ^uint64(0)
 		}
 	} else {
 		for c := first; c <= last; c++ {
-			s := c % nStripes
-			set[s/64] |= 1 << (s % 64)
+			i := c % nStripes
+			s.set[i/64] |= 1 << (i % 64)
 		}
 	}
 	for i := 0; i < nStripes; i++ {
-		if set[i/64]&(1<<(i%64)) != 0 {
+		if s.set[i/64]&(1<<(i%64)) != 0 {
 			if write {
 				m.stripes[i].Lock()
 			} else {
@@ -231,14 +236,17 @@ func (m *image) lockStripes(off, n int64, write bool) func() {
 			}
 		}
 	}
-	return func() {
-		for i := nStripes - 1; i >= 0; i-- {
-			if set[i/64]&(1<<(i%64)) != 0 {
-				if write {
-					m.stripes[i].Unlock()
-				} else {
-					m.stripes[i].RUnlock()
-				}
+	return s
+}
+
+// unlockStripes releases what lockStripes took.
+func (m *image) unlockStripes(s stripeSet) {
+	for i := nStripes - 1; i >= 0; i-- {
+		if s.set[i/64]&(1<<(i%64)) != 0 {
+			if s.write {
+				m.stripes[i].Unlock()
+			} else {
+				m.stripes[i].RUnlock()
 			}
 		}
 	}
@@ -271,7 +279,7 @@ func (m *image) loadL2(ctx context.Context, l1i int64, off int64) (*l2Table, err
 	})
 }
 
-// errCorrupt wraps a corruption message.
+// corruptError is a request's error after a corruption.
 type corruptError struct{ msg string }
 
 func (e *corruptError) Error() string { return "qcow2: " + e.msg }
@@ -328,9 +336,4 @@ func (m *image) signal(ctx context.Context, locked, fatal bool, off, size int64,
 		}
 	}
 	return &corruptError{msg: msg}
-}
-
-func isCorrupt(err error) bool {
-	var ce *corruptError
-	return errors.As(err, &ce)
 }

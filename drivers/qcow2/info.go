@@ -9,10 +9,40 @@ import (
 )
 
 // EncryptInfo is ImageInfoSpecificQCow2Encryption: the format and, for
-// LUKS, the header summary.
+// LUKS, QCryptoBlockInfoLUKS (QEMU's members only).
 type EncryptInfo struct {
-	Format string `json:"format"`
-	*luksfmt.Info
+	Format         string     `json:"format"`
+	CipherAlg      string     `json:"cipher-alg"`
+	CipherMode     string     `json:"cipher-mode"`
+	IVGenAlg       string     `json:"ivgen-alg"`
+	IVGenHashAlg   string     `json:"ivgen-hash-alg,omitempty"`
+	HashAlg        string     `json:"hash-alg"`
+	PayloadOffset  int64      `json:"payload-offset"`
+	MasterKeyIters uint32     `json:"master-key-iters"`
+	UUID           string     `json:"uuid"`
+	Slots          []SlotInfo `json:"slots"`
+}
+
+// SlotInfo is QCryptoBlockInfoLUKSSlot.
+type SlotInfo struct {
+	Active    bool   `json:"active"`
+	Iters     uint32 `json:"iters,omitempty"`
+	Stripes   uint32 `json:"stripes,omitempty"`
+	KeyOffset int64  `json:"key-offset"`
+}
+
+func encryptInfo(in luksfmt.Info) *EncryptInfo {
+	e := &EncryptInfo{Format: "luks", CipherAlg: in.CipherAlg, CipherMode: in.CipherMode, IVGenAlg: in.IVGenAlg,
+		IVGenHashAlg: in.IVGenHashAlg, HashAlg: in.HashAlg, PayloadOffset: in.PayloadOffset,
+		MasterKeyIters: in.MasterKeyIters, UUID: in.UUID, Slots: []SlotInfo{}}
+	for _, s := range in.Slots {
+		si := SlotInfo{Active: s.Active, KeyOffset: s.KeyOffset}
+		if s.Active {
+			si.Iters, si.Stripes = s.Iters, s.Stripes
+		}
+		e.Slots = append(e.Slots, si)
+	}
+	return e
 }
 
 // BitmapInfo is Qcow2BitmapInfo.
@@ -84,8 +114,7 @@ func (n *node) Info() graph.ImageInfo {
 		}
 	}
 	if n.luks != nil {
-		in := n.luks.Info()
-		fs.Encrypt = &EncryptInfo{Format: "luks", Info: &in}
+		fs.Encrypt = encryptInfo(n.luks.Info())
 	}
 	return graph.ImageInfo{
 		ActualSize:            -1,

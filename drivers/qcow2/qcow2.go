@@ -222,6 +222,7 @@ func cacheSizes(o *Options, g qcow2fmt.Geometry, virtualSize int64) (l2, rc int,
 type node struct {
 	*image
 	keySecret string
+	noBacking bool   // backing: null for an image with a backing file
 	fmtName   string // backing-filename-format
 	backName  string // full backing filename
 	dataName  string
@@ -381,8 +382,8 @@ func (n *node) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if err := n.check(); err != nil {
 		return err
 	}
-	unlock := n.lockStripes(off, int64(len(p)), false)
-	defer unlock()
+	st := n.lockStripes(off, int64(len(p)), false)
+	defer n.unlockStripes(st)
 	return n.read(ctx, p, off)
 }
 
@@ -394,9 +395,9 @@ func (n *node) WriteAt(ctx context.Context, p []byte, off int64, f graph.ReqFlag
 	if n.ro {
 		return graph.ErrReadOnly
 	}
-	unlock := n.lockStripes(off, int64(len(p)), true)
+	st := n.lockStripes(off, int64(len(p)), true)
 	err := n.write(ctx, p, off)
-	unlock()
+	n.unlockStripes(st)
 	if err == nil && f&graph.FUA != 0 {
 		err = n.flush(ctx)
 	}
@@ -412,9 +413,9 @@ func (n *node) WriteZeroes(ctx context.Context, off, l int64, f graph.ReqFlags) 
 	if n.version < 3 && !n.dataFileRaw {
 		return graph.ErrNotSupported
 	}
-	unlock := n.lockStripes(off, l, true)
+	st := n.lockStripes(off, l, true)
 	err := n.zeroes(ctx, off, l, f)
-	unlock()
+	n.unlockStripes(st)
 	if err == nil && f&graph.FUA != 0 {
 		err = n.flush(ctx)
 	}
@@ -426,8 +427,8 @@ func (n *node) Discard(ctx context.Context, off, l int64) error {
 	if err := n.check(); err != nil {
 		return err
 	}
-	unlock := n.lockStripes(off, l, true)
-	defer unlock()
+	st := n.lockStripes(off, l, true)
+	defer n.unlockStripes(st)
 	return n.discard(ctx, off, l)
 }
 
@@ -436,8 +437,8 @@ func (n *node) BlockStatus(ctx context.Context, off, l int64) ([]graph.Extent, e
 	if err := n.check(); err != nil {
 		return nil, err
 	}
-	unlock := n.lockStripes(off, min(l, 64<<20), false)
-	defer unlock()
+	st := n.lockStripes(off, min(l, 64<<20), false)
+	defer n.unlockStripes(st)
 	return n.blockStatus(ctx, off, min(l, 64<<20))
 }
 
@@ -465,11 +466,16 @@ func (n *node) Close() error {
 	return err
 }
 
-// StrongOptions reports encrypt.key-secret, which the contents depend on
-// (QEMU shows it in json: filenames).
+// StrongOptions reports the options the contents depend on, which QEMU
+// shows in json: filenames: encrypt.key-secret, and backing: null when
+// the image's backing file is not used.
 func (n *node) StrongOptions() qapi.Object {
-	if n.keySecret == "" {
-		return nil
+	var o qapi.Object
+	if n.noBacking {
+		o = append(o, qapi.Member{Name: "backing", Value: nil})
 	}
-	return qapi.Object{{Name: "encrypt.key-secret", Value: n.keySecret}}
+	if n.keySecret != "" {
+		o = append(o, qapi.Member{Name: "encrypt.key-secret", Value: n.keySecret})
+	}
+	return o
 }

@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"testing"
 
@@ -164,8 +165,12 @@ func finishImage(t *testing.T, g *graph.Graph, img string, mirror []byte, qemuOp
 // qemu-img.
 func TestWorkload(t *testing.T) {
 	ops := 3000
-	if testing.Short() {
+	if testing.Short() || raceEnabled {
 		ops = 600
+	}
+	if v, err := strconv.Atoi(os.Getenv("BLOCKD_QCOW2_OPS")); err == nil && v > 0 {
+		// For long runs: BLOCKD_QCOW2_OPS=100000.
+		ops = v
 	}
 	cases := []struct {
 		name    string

@@ -191,9 +191,6 @@ func (m *image) writeChunk(ctx context.Context, p []byte, off int64) error {
 			base, err := m.allocClusters(ctx, need)
 			m.metaMu.Unlock()
 			if err != nil {
-				if isCorrupt(err) {
-					return err
-				}
 				return err
 			}
 			k := int64(0)
@@ -384,10 +381,8 @@ func (m *image) writePlans(ctx context.Context, plans []plan, p []byte, off int6
 
 // writeSeg performs one host write.
 func (m *image) writeSeg(ctx context.Context, s seg, plans []plan, p []byte, off int64) error {
-	if !m.g.DataFile || true {
-		if k := m.overlapsData(s.host, s.n); k != 0 {
-			return m.corrupt(ctx, true, s.host, s.n, "Preventing invalid write on metadata (overlaps with %s)", k)
-		}
+	if k := m.overlapsData(s.host, s.n); k != 0 {
+		return m.corrupt(ctx, true, s.host, s.n, "Preventing invalid write on metadata (overlaps with %s)", k)
 	}
 	if s.host+s.n > m.data.Size() {
 		m.metaMu.Lock()

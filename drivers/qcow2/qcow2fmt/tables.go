@@ -34,7 +34,7 @@ type Geometry struct {
 	ClusterSize    int64
 	Extended       bool
 	DataFile       bool
-	L2EntrySize    int   // 8 or 16 bytes
+	L2EntrySize    int    // 8 or 16 bytes
 	L2Bits         uint32 // log2 of entries per L2 table
 	L2Entries      int64
 	Subclusters    int // 1 or 32

@@ -1,0 +1,179 @@
+package bench
+
+import (
+	"fmt"
+	"io"
+	"math"
+	"slices"
+	"strings"
+	"text/tabwriter"
+)
+
+// Results are a run's measurements, one Row per configuration and metric
+// in the order they were first measured.
+type Results struct {
+	Options Options
+	Rows    []*Row
+	// Notes say what was skipped or measured for blockd alone, and why.
+	Notes []string
+}
+
+// Row is one line of the report: all samples of one metric on one
+// configuration, per daemon.
+type Row struct {
+	Config string
+	Metric *Metric
+	Values map[Daemon][]float64
+	CPU    map[Daemon][]float64
+}
+
+func newResults(o Options) *Results { return &Results{Options: o} }
+
+func (res *Results) add(config string, m *Metric, d Daemon, s sample) {
+	var row *Row
+	for _, r := range res.Rows {
+		if r.Config == config && r.Metric.Name == m.Name {
+			row = r
+			break
+		}
+	}
+	if row == nil {
+		row = &Row{Config: config, Metric: m, Values: map[Daemon][]float64{}, CPU: map[Daemon][]float64{}}
+		res.Rows = append(res.Rows, row)
+	}
+	row.Values[d] = append(row.Values[d], s.value)
+	if m.CPUUnit != "" {
+		row.CPU[d] = append(row.CPU[d], s.cpu)
+	}
+}
+
+// Row returns the row of a configuration and metric name, or nil.
+func (res *Results) Row(config, metric string) *Row {
+	for _, r := range res.Rows {
+		if r.Config == config && r.Metric.Name == metric {
+			return r
+		}
+	}
+	return nil
+}
+
+// Median returns the median of d's figures (NaN when there are none).
+func (r *Row) Median(d Daemon) float64 { return median(r.Values[d]) }
+
+// CPUMedian returns the median of d's server CPU figures (NaN when none).
+func (r *Row) CPUMedian(d Daemon) float64 { return median(r.CPU[d]) }
+
+// Ratio is blockd's median over QSD's (NaN when either is missing).
+func (r *Row) Ratio() float64 { return r.Median(Blockd) / r.Median(QSD) }
+
+// Better says whether blockd's median is the better figure.
+func (r *Row) Better() bool {
+	if r.Metric.LowerBetter {
+		return r.Median(Blockd) < r.Median(QSD)
+	}
+	return r.Median(Blockd) > r.Median(QSD)
+}
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return math.NaN()
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func num(v float64) string {
+	switch a := math.Abs(v); {
+	case math.IsNaN(v):
+		return "—"
+	case a >= 1000:
+		return fmt.Sprintf("%.0f", v)
+	case a >= 100:
+		return fmt.Sprintf("%.1f", v)
+	case a >= 10:
+		return fmt.Sprintf("%.2f", v)
+	default:
+		return fmt.Sprintf("%.3f", v)
+	}
+}
+
+// spread is "min–max" of a daemon's figures when there are several.
+func spread(v []float64) string {
+	if len(v) < 2 {
+		return ""
+	}
+	return fmt.Sprintf(" (%s–%s)", num(slices.Min(v)), num(slices.Max(v)))
+}
+
+func (r *Row) cells(spreads bool) []string {
+	unit := r.Metric.Unit
+	if r.Metric.LowerBetter {
+		unit += " ↓"
+	} else {
+		unit += " ↑"
+	}
+	q, b := num(r.Median(QSD)), num(r.Median(Blockd))
+	if spreads {
+		q += spread(r.Values[QSD])
+		b += spread(r.Values[Blockd])
+	}
+	ratio := "—"
+	if x := r.Ratio(); !math.IsNaN(x) && !math.IsInf(x, 0) {
+		ratio = fmt.Sprintf("%.2f", x)
+	}
+	cpu := ""
+	if r.Metric.CPUUnit != "" {
+		cpu = fmt.Sprintf("%s / %s %s", num(r.CPUMedian(QSD)), num(r.CPUMedian(Blockd)), r.Metric.CPUUnit)
+	}
+	return []string{r.Config, r.Metric.Label, unit, q, b, ratio, cpu}
+}
+
+var header = []string{"config", "workload", "unit", "QSD", "blockd", "blockd/QSD", "server CPU QSD / blockd"}
+
+// WriteText prints the table for a terminal. With spreads, each median is
+// followed by the minimum and maximum of its repetitions.
+func (res *Results) WriteText(w io.Writer, spreads bool) error {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, strings.Join(header, "\t"))
+	for _, r := range res.Rows {
+		fmt.Fprintln(tw, strings.Join(r.cells(spreads), "\t"))
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	return res.writeNotes(w)
+}
+
+// WriteMarkdown prints the table as Markdown.
+func (res *Results) WriteMarkdown(w io.Writer, spreads bool) error {
+	fmt.Fprintf(w, "| %s |\n|%s\n", strings.Join(header, " | "), strings.Repeat("---|", len(header)))
+	for _, r := range res.Rows {
+		c := r.cells(spreads)
+		if r.Config == "convert" {
+			c[0] = "convert (qemu-img / blockd-img)"
+		}
+		if !math.IsNaN(r.Ratio()) {
+			c[5] = fmt.Sprintf("**%s**", c[5])
+		}
+		fmt.Fprintf(w, "| %s |\n", strings.Join(c, " | "))
+	}
+	fmt.Fprintln(w)
+	return res.writeNotes(w)
+}
+
+func (res *Results) writeNotes(w io.Writer) error {
+	o := res.Options
+	_, err := fmt.Fprintf(w, "\nMedians of %d repetition(s); disk %d MiB; fio %v after %v ramp. ↑ higher is better, ↓ lower is better; "+
+		"ratio = blockd/QSD. Server CPU is the daemon's user+system time per unit of work. Convert rows compare qemu-img with blockd-img.\n",
+		o.Reps, o.Size>>20, o.Runtime, o.Ramp)
+	for _, n := range res.Notes {
+		if _, err := fmt.Fprintf(w, "- %s\n", n); err != nil {
+			return err
+		}
+	}
+	return err
+}

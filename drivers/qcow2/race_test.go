@@ -1,0 +1,6 @@
+//go:build race
+
+package qcow2_test
+
+// raceEnabled shortens the long workloads under the race detector.
+const raceEnabled = true
