@@ -49,6 +49,17 @@ func (im *image) imageInfo() *ImageInfo {
 		return im.meta.info()
 	}
 	gi := im.bds.ImageInfo(false)
+	if im.toolNoBacking {
+		if so, ok := im.bds.Node().(graph.StrongOptioner); ok {
+			if opts := so.StrongOptions(); len(opts) == 1 && opts[0].Name == "backing" {
+				for _, c := range im.bds.Children() {
+					if c.Name() == "file" {
+						gi.Filename = c.BDS().Filename()
+					}
+				}
+			}
+		}
+	}
 	ii := &ImageInfo{
 		Filename:              gi.Filename,
 		Format:                gi.Format,

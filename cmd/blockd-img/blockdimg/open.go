@@ -50,6 +50,10 @@ type image struct {
 	// the image is writable (QEMU warns about it).
 	probedRaw string
 	quiet     bool
+	// toolNoBacking: the tool (not the user) left the backing file
+	// closed, as qemu-img's BDRV_O_NO_BACKING; that does not make the
+	// image's name a json: one.
+	toolNoBacking bool
 }
 
 // cacheFlags maps a qemu-img cache mode to cache.direct, cache.no-flush and
@@ -287,7 +291,9 @@ func (e *env) open(name string, o openOpts) (*image, error) {
 	if !o.write && !o.resize {
 		setDefault(tree, "read-only", bv(kv, true))
 	}
-	if o.noBacking && drv == "qcow2" {
+	toolNoBacking := false
+	if _, given := tree["backing"]; o.noBacking && drv == "qcow2" && !given {
+		toolNoBacking = true
 		if kv {
 			setDefault(tree, "backing", "")
 		} else {
@@ -322,7 +328,7 @@ func (e *env) open(name string, o openOpts) (*image, error) {
 		_ = e.g.Del(nn)
 		return nil, failf("Could not open '%s': %v", name, err)
 	}
-	return &image{e: e, spec: name, node: nn, bds: b, blk: blk, format: drv, wthrough: wt, probedRaw: probedRaw, quiet: o.quiet}, nil
+	return &image{e: e, spec: name, node: nn, bds: b, blk: blk, format: drv, wthrough: wt, probedRaw: probedRaw, quiet: o.quiet, toolNoBacking: toolNoBacking}, nil
 }
 
 // warnProbedRaw is QEMU's warning for a raw image opened for writing
