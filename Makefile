@@ -29,7 +29,7 @@ fuzz:
 	@set -e; for pkg in $$($(GO) list ./...); do \
 	  for t in $$($(GO) test -list '^Fuzz' $$pkg 2>/dev/null | grep '^Fuzz'); do \
 	    echo "fuzz $$pkg $$t"; \
-	    $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $$pkg > /tmp/fuzz.$$t.log 2>&1 || { cat /tmp/fuzz.$$t.log; exit 1; }; \
+	    $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 1s $$pkg > /tmp/fuzz.$$t.log 2>&1 || { cat /tmp/fuzz.$$t.log; exit 1; }; \
 	  done; \
 	done
 

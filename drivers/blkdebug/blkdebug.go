@@ -14,13 +14,13 @@
 // and "pwritev_done" after them, "pwritev_zero" before write-zeroes and
 // "flush_to_os" and "flush_to_disk" before flushes. A rule without an event
 // is armed from the start (event "none"). An armed rule matches a request
-// whose type is in its iotype set and which overlaps its 512-byte sector
-// (when given; QEMU checks only the sector's first byte, which is the same
-// for requests aligned to 512 bytes);
-// it fires on every matching request after the first "after" ones, sleeps
-// delay-ns, then fails the request with errno unless errno is 0. A "once"
-// rule is removed after it fires. set-state rules change the node's state
-// (initially 1) when their event is raised.
+// whose type is in its iotype set and which overlaps its 512-byte sector,
+// if it has one (QEMU checks only the sector's first byte, which is the
+// same for requests aligned to 512 bytes). It fires on every matching
+// request after the first "after" ones: it sleeps delay-ns, then fails the
+// request with errno unless errno is 0. A "once" rule is removed after it
+// fires. set-state rules change the node's state (initially 1) when their
+// event is raised.
 package blkdebug
 
 import (
@@ -187,13 +187,16 @@ func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 	if opts.Config != nil {
 		return nil, fmt.Errorf("blkdebug config files are not supported by blockd; use inject-error and set-state")
 	}
-	for name, set := range map[string]bool{
-		"opt-write-zero": opts.OptWriteZero != nil, "max-write-zero": opts.MaxWriteZero != nil,
-		"opt-discard": opts.OptDiscard != nil, "max-discard": opts.MaxDiscard != nil,
-		"take-child-perms": opts.TakeChildPerms != nil, "unshare-child-perms": opts.UnshareChildPerms != nil,
+	for _, o := range []struct {
+		name string
+		set  bool
+	}{
+		{"opt-write-zero", opts.OptWriteZero != nil}, {"max-write-zero", opts.MaxWriteZero != nil},
+		{"opt-discard", opts.OptDiscard != nil}, {"max-discard", opts.MaxDiscard != nil},
+		{"take-child-perms", opts.TakeChildPerms != nil}, {"unshare-child-perms", opts.UnshareChildPerms != nil},
 	} {
-		if set {
-			return nil, fmt.Errorf("blkdebug option '%s' is not supported by blockd", name)
+		if o.set {
+			return nil, fmt.Errorf("blkdebug option '%s' is not supported by blockd", o.name)
 		}
 	}
 	n := &node{opts: opts, state: 1}
@@ -262,7 +265,7 @@ func newRule(ie InjectError) (*rule, error) {
 		r.errno = syscall.Errno(*ie.Errno)
 	}
 	if ie.Sector != nil && *ie.Sector != -1 {
-		if *ie.Sector < 0 || *ie.Sector > (1<<63-1)/512 {
+		if *ie.Sector < 0 || *ie.Sector >= (1<<63-1)/512 {
 			return nil, fmt.Errorf("sector %d is out of range", *ie.Sector)
 		}
 		r.offset = *ie.Sector * 512

@@ -30,7 +30,7 @@ func TestEncryptedFromQemu(t *testing.T) {
 	dir := t.TempDir()
 	img := filepath.Join(dir, "enc.qcow2")
 	sec := qemuSecret(t)
-	qemuImg(t, "create", "-q", "--object", sec, "-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100", img, "4M")
+	qemuEncrypted(t, img)
 	qemuIO(t, "--object", sec, "--image-opts", "-c", "write -P 0x42 65536 100000", "-c", "write -z 1M 64k", encImageOpts(img))
 	want := qemuRaw(t, "--object", sec, "--image-opts", encImageOpts(img))
 
@@ -84,7 +84,7 @@ func TestEncryptedCreate(t *testing.T) {
 	}
 	// Same layout as qemu-img: the LUKS header right after the L1 table.
 	q := filepath.Join(dir, "q.qcow2")
-	qemuImg(t, "create", "-q", "--object", sec, "-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100", q, "4M")
+	qemuEncrypted(t, q)
 	a, _ := os.ReadFile(q)
 	b, _ := os.ReadFile(img)
 	equalOrFail(t, "header cluster", b[:0x200], a[:0x200])

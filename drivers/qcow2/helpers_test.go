@@ -230,3 +230,61 @@ func equalOrFail(t testing.TB, what string, got, want []byte) {
 		}
 	}
 }
+
+// sharedDir holds images several tests copy (removed by TestMain).
+var sharedDir string
+
+func TestMain(m *testing.M) {
+	d, err := os.MkdirTemp("", "qcow2-test-")
+	if err != nil {
+		panic(err)
+	}
+	sharedDir = d
+	code := m.Run()
+	os.RemoveAll(d)
+	os.Exit(code)
+}
+
+var encTemplate struct {
+	once sync.Once
+	path string
+	err  string
+}
+
+// qemuEncrypted copies a 4 MiB LUKS-encrypted qcow2 image made by qemu-img
+// (with the test passphrase) to dst. qemu-img takes seconds to make one,
+// so it is made once.
+func qemuEncrypted(t *testing.T, dst string) {
+	t.Helper()
+	testutil.NeedTool(t, "qemu-img")
+	encTemplate.once.Do(func() {
+		pw := filepath.Join(sharedDir, "pw")
+		if err := os.WriteFile(pw, []byte(testPass), 0o600); err != nil {
+			encTemplate.err = err.Error()
+			return
+		}
+		p := filepath.Join(sharedDir, "enc-template.qcow2")
+		args := []string{"create", "-q", "--object", "secret,id=s0,file=" + pw, "-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100", p, "4M"}
+		for try := 0; ; try++ {
+			out, err := testutil.RunErr("qemu-img", args...)
+			if err == nil {
+				encTemplate.path = p
+				return
+			}
+			if try >= 10 || !strings.Contains(out, "Unable to get accurate CPU usage") {
+				encTemplate.err = out
+				return
+			}
+		}
+	})
+	if encTemplate.path == "" {
+		t.Fatalf("qemu-img create (encrypted): %s", encTemplate.err)
+	}
+	b, err := os.ReadFile(encTemplate.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dst, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}

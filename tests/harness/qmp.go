@@ -194,6 +194,11 @@ func (q *QMP) Exec(cmd string, args any) (json.RawMessage, error) {
 			}
 			return resp.Return, nil
 		}
+		if raw, ok := q.replies[0]; ok {
+			// An error without id: the server could not parse the request.
+			delete(q.replies, 0)
+			return nil, fmt.Errorf("qmp %s: reply without id: %s", cmd, raw)
+		}
 		if q.readErr != nil {
 			return nil, fmt.Errorf("qmp %s: %w", cmd, q.readErr)
 		}

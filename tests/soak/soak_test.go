@@ -5,7 +5,7 @@
 // goroutines and file descriptors of the process must be back where they
 // started.
 //
-// SOAK_SECONDS sets the load phase (default 25 s); docs/testing.md has the
+// SOAK_SECONDS sets the load phase (default 20 s); docs/testing.md has the
 // numbers of a long run.
 package soak
 
@@ -91,7 +91,7 @@ func fdCount(t *testing.T) int {
 }
 
 func TestSoak(t *testing.T) {
-	dur := harness.EnvDuration("SOAK_SECONDS", 25*time.Second)
+	dur := harness.EnvDuration("SOAK_SECONDS", 20*time.Second)
 	dir := t.TempDir()
 	// Warm up the network poller so that its descriptor is in the baseline.
 	if l, err := net.Listen("unix", filepath.Join(dir, "warm.sock")); err == nil {

@@ -4,7 +4,7 @@
 // image opens, that cryptsetup finds the LUKS header intact, and that every
 // write acknowledged with FUA or before a completed flush reads back.
 //
-// The run is bounded by TORTURE_SECONDS (default 50) or, when set,
+// The run is bounded by TORTURE_SECONDS (default 40) or, when set,
 // TORTURE_CYCLES; docs/testing.md has the numbers of a long run.
 package torture
 
@@ -728,7 +728,7 @@ func TestCrashTorture(t *testing.T) {
 	testutil.NeedTool(t, "cryptsetup")
 	testutil.NeedTool(t, "qemu-img")
 	maxCycles := harness.EnvInt("TORTURE_CYCLES", 0)
-	dur := harness.EnvDuration("TORTURE_SECONDS", 50*time.Second)
+	dur := harness.EnvDuration("TORTURE_SECONDS", 40*time.Second)
 	if maxCycles > 0 && os.Getenv("TORTURE_SECONDS") == "" {
 		dur = 1000 * time.Hour
 	}
