@@ -213,10 +213,11 @@ func isEvent(m any) bool {
 }
 
 // run plays a script against a daemon and returns the normalised
-// transcript, one entry per line.
-func run(t *testing.T, bin string, items []item) []string {
+// transcript, one entry per line. A daemon that stops answering ends the
+// script at that line (stalled is true) instead of waiting out every
+// remaining line.
+func run(t *testing.T, bin string, items []item) (out []string, stalled bool) {
 	d := startDaemon(t, bin)
-	var out []string
 	add := func(prefix string, v any) { out = append(out, prefix+canon(v)) }
 
 	g, ok := d.next(10 * time.Second)
@@ -238,6 +239,7 @@ func run(t *testing.T, bin string, items []item) []string {
 	}
 	vars := map[string]string{}
 	var lastRaw []any // replies to the previous line, not normalised
+script:
 	for _, it := range items {
 		out = append(out, "> "+it.text)
 		if it.capture != "" {
@@ -292,7 +294,8 @@ func run(t *testing.T, bin string, items []item) []string {
 			m, ok := d.next(20 * time.Second)
 			if !ok {
 				out = append(out, fmt.Sprintf("! timeout: got %d of %d replies", len(replies), want))
-				break
+				stalled = true
+				break script
 			}
 			if !isEvent(m) {
 				lastRaw = append(lastRaw, m)
@@ -335,7 +338,7 @@ func run(t *testing.T, bin string, items []item) []string {
 	}
 	out = append(out, "> (end)")
 	closeSegment()
-	return out
+	return out, stalled
 }
 
 var blockNameRaw = regexp.MustCompile(`^#block[0-9]+$`)

@@ -117,7 +117,16 @@ func TestScripts(t *testing.T) {
 			}
 			golden := filepath.Join("golden", name+".out")
 			if qsd != "" {
-				got := run(t, qsd, items)
+				got, stalled := run(t, qsd, items)
+				// qemu-storage-daemon 7.2 now and then greets a monitor
+				// client and then never answers it (seen about once in a
+				// few hundred starts with many daemons starting at once).
+				// That is the reference's flake, not a behaviour: start it
+				// again, at most twice, when it answered nothing at all.
+				for try := 0; stalled && answered(got) == 0 && try < 2; try++ {
+					t.Logf("qemu-storage-daemon did not answer its first command; starting it again")
+					got, stalled = run(t, qsd, items)
+				}
 				if update {
 					if err := os.WriteFile(golden, []byte(strings.Join(got, "\n")+"\n"), 0o644); err != nil {
 						t.Fatal(err)
@@ -140,10 +149,21 @@ func TestScripts(t *testing.T) {
 			if bin == "" {
 				t.Skip(why)
 			}
-			got := run(t, bin, items)
+			got, _ := run(t, bin, items)
 			if d := diff(want, got); d != "" {
 				t.Errorf("blockd differs from qemu-storage-daemon:\n%s", d)
 			}
 		})
 	}
+}
+
+// answered counts the replies in a transcript.
+func answered(lines []string) int {
+	n := 0
+	for _, l := range lines {
+		if strings.HasPrefix(l, "< ") || strings.HasPrefix(l, "<< ") {
+			n++
+		}
+	}
+	return n
 }
