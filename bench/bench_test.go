@@ -65,9 +65,13 @@ func TestSideBySide(t *testing.T) {
 	var sb strings.Builder
 	res.WriteText(&sb, o.Reps > 1)
 	t.Log("\n" + sb.String())
+	nbdkit := map[string]bool{}
+	for _, c := range configs {
+		nbdkit[c.Name] = c.NBDKit != nil && !o.NoNBDKit && NBDKitAvailable(context.Background(), c.NBDKitFilter)
+	}
 	for _, r := range res.Rows {
-		for _, d := range []Daemon{QSD, Blockd} {
-			if d == QSD && r.Config == "luks-detached" {
+		for _, d := range Daemons {
+			if (d == QSD && r.Config == "luks-detached") || (d == NBDKit && !nbdkit[r.Config]) {
 				continue
 			}
 			if v := r.Median(d); math.IsNaN(v) || v <= 0 {
@@ -97,9 +101,11 @@ func BenchmarkSideBySide(b *testing.B) {
 		for _, r := range res.Rows {
 			b.Run(c+"/"+r.Metric.Name, func(b *testing.B) {
 				unit := strings.NewReplacer("/", "-per-", " ", "", "µ", "u").Replace(r.Metric.Unit)
-				if v := r.Median(QSD); !math.IsNaN(v) {
-					b.ReportMetric(v, "qsd-"+unit)
-					b.ReportMetric(r.Ratio(), "blockd/qsd")
+				for _, d := range []Daemon{QSD, NBDKit} {
+					if v := r.Median(d); !math.IsNaN(v) {
+						b.ReportMetric(v, string(d)+"-"+unit)
+						b.ReportMetric(r.RatioTo(d), "blockd/"+string(d))
+					}
 				}
 				b.ReportMetric(r.Median(Blockd), "blockd-"+unit)
 				b.ReportMetric(0, "ns/op")
@@ -162,5 +168,24 @@ func TestReport(t *testing.T) {
 	}
 	if !strings.Contains(sb.String(), "| raw | work | kIOPS ↑ | 10.00 | 16.00 (15.00–17.00) | **1.60** | 20.00 / 11.00 CPU µs/IO |") {
 		t.Fatalf("markdown:\n%s", sb.String())
+	}
+
+	// With nbdkit figures, a third column and a second ratio appear; rows
+	// without nbdkit show dashes.
+	res.add("raw", m, NBDKit, sample{8, 40})
+	res.add("luks", m, QSD, sample{5, 50})
+	res.add("luks", m, Blockd, sample{10, 10})
+	sb.Reset()
+	if err := res.WriteMarkdown(&sb, false); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"| config | workload | unit | QSD | blockd | nbdkit | blockd/QSD | blockd/nbdkit | server CPU QSD / blockd / nbdkit |",
+		"| raw | work | kIOPS ↑ | 10.00 | 16.00 | 8.000 | **1.60** | **2.00** | 20.00 / 11.00 / 40.00 CPU µs/IO |",
+		"| luks | work | kIOPS ↑ | 5.000 | 10.00 | — | **2.00** | — | 50.00 / 10.00 / — CPU µs/IO |",
+	} {
+		if !strings.Contains(sb.String(), want) {
+			t.Fatalf("markdown without %q:\n%s", want, sb.String())
+		}
 	}
 }

@@ -19,6 +19,11 @@ type Config struct {
 	Fresh func(ctx context.Context, im *images) error
 	// Args are the daemon arguments that open node "disk".
 	Args func(im *images) []string
+	// NBDKit, when set, gives nbdkit's plugin, filter and parameter
+	// arguments for the same disk, so that nbdkit runs as a third peer;
+	// NBDKitFilter names the filter it needs (checked before the run).
+	NBDKit       func(im *images) []string
+	NBDKitFilter string
 }
 
 func secretArgs(im *images) []string {
@@ -50,6 +55,7 @@ var configs = []*Config{
 			return cat(fileArgs("file0", im.path("raw.img")),
 				[]string{"--blockdev", "driver=raw,node-name=disk,file=file0"})
 		},
+		NBDKit: func(im *images) []string { return []string{"file", "file=" + im.path("raw.img")} },
 	},
 	{
 		Name: "luks",
@@ -57,6 +63,12 @@ var configs = []*Config{
 		Args: func(im *images) []string {
 			return cat(secretArgs(im), fileArgs("file0", im.path("luks.img")), luksArgs("file0"))
 		},
+		// nbdkit's luks filter reads LUKS1 with an embedded header, as
+		// luks.img is.
+		NBDKit: func(im *images) []string {
+			return []string{"--filter=luks", "file", "file=" + im.path("luks.img"), "passphrase=+" + im.pw()}
+		},
+		NBDKitFilter: "luks",
 	},
 	{
 		Name:       "luks-detached",

@@ -23,7 +23,13 @@ type Daemon string
 const (
 	QSD    Daemon = "qsd"
 	Blockd Daemon = "blockd"
+	// NBDKit is nbdkit with its file plugin (and luks filter): a third
+	// peer on the setups it can serve (Config.NBDKit).
+	NBDKit Daemon = "nbdkit"
 )
+
+// Daemons lists the servers in report order.
+var Daemons = []Daemon{QSD, Blockd, NBDKit}
 
 // process is a running daemon.
 type process struct {
@@ -37,17 +43,26 @@ type process struct {
 }
 
 // start launches d with c's arguments and an NBD export of node "disk",
-// and waits until the export answers.
+// and waits until the export answers. nbdkit serves its one disk under any
+// export name, so the same URI works for all.
 func (r *runner) start(c *Config, d Daemon) (*process, error) {
 	sock := filepath.Join(r.dir, string(d)+".sock")
 	os.Remove(sock)
-	args := cat(c.Args(r.imgs), []string{
-		"--nbd-server", "addr.type=unix,addr.path=" + sock,
-		"--export", "type=nbd,id=e0,node-name=disk,name=disk,writable=on",
-	})
-	bin := "qemu-storage-daemon"
-	if d == Blockd {
-		bin = r.blockd
+	var bin string
+	var args []string
+	switch d {
+	case NBDKit:
+		bin = "nbdkit"
+		args = cat([]string{"--foreground", "--exit-with-parent", "--unix", sock}, c.NBDKit(r.imgs))
+	default:
+		args = cat(c.Args(r.imgs), []string{
+			"--nbd-server", "addr.type=unix,addr.path=" + sock,
+			"--export", "type=nbd,id=e0,node-name=disk,name=disk,writable=on",
+		})
+		bin = "qemu-storage-daemon"
+		if d == Blockd {
+			bin = r.blockd
+		}
 	}
 	p := &process{d: d, sock: sock, uri: "nbd+unix:///disk?socket=" + sock, log: &bytes.Buffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(bin, args...)
@@ -86,7 +101,7 @@ func (r *runner) start(c *Config, d Daemon) (*process, error) {
 	return p, nil
 }
 
-// stop ends the daemon with SIGTERM (both shut down cleanly on it).
+// stop ends the daemon with SIGTERM (all three shut down cleanly on it).
 func (p *process) stop() error {
 	select {
 	case <-p.done:

@@ -131,3 +131,14 @@ func (im *images) luksQcow2(ctx context.Context) error {
 			im.path("luks.img"), im.path("luks.qcow2"))
 	})
 }
+
+// srcQcow2 is src.qcow2: raw.img's data converted to qcow2 by qemu-img,
+// the source of the qcow2 → raw convert.
+func (im *images) srcQcow2(ctx context.Context) error {
+	if err := im.raw(ctx); err != nil {
+		return err
+	}
+	return im.once("src.qcow2", func() error {
+		return run(ctx, "qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", im.path("raw.img"), im.path("src.qcow2"))
+	})
+}

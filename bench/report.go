@@ -64,7 +64,10 @@ func (r *Row) Median(d Daemon) float64 { return median(r.Values[d]) }
 func (r *Row) CPUMedian(d Daemon) float64 { return median(r.CPU[d]) }
 
 // Ratio is blockd's median over QSD's (NaN when either is missing).
-func (r *Row) Ratio() float64 { return r.Median(Blockd) / r.Median(QSD) }
+func (r *Row) Ratio() float64 { return r.RatioTo(QSD) }
+
+// RatioTo is blockd's median over d's (NaN when either is missing).
+func (r *Row) RatioTo(d Daemon) float64 { return r.Median(Blockd) / r.Median(d) }
 
 // Better says whether blockd's median is the better figure.
 func (r *Row) Better() bool {
@@ -109,38 +112,85 @@ func spread(v []float64) string {
 	return fmt.Sprintf(" (%s–%s)", num(slices.Min(v)), num(slices.Max(v)))
 }
 
-func (r *Row) cells(spreads bool) []string {
+// peers returns the servers with figures in the report: QSD and blockd
+// always, nbdkit when it ran.
+func (res *Results) peers() []Daemon {
+	p := []Daemon{QSD, Blockd}
+	for _, r := range res.Rows {
+		if len(r.Values[NBDKit]) > 0 {
+			return append(p, NBDKit)
+		}
+	}
+	return p
+}
+
+// others are the peers blockd is compared with.
+func others(peers []Daemon) []Daemon {
+	return slices.DeleteFunc(slices.Clone(peers), func(d Daemon) bool { return d == Blockd })
+}
+
+var peerTitle = map[Daemon]string{QSD: "QSD", Blockd: "blockd", NBDKit: "nbdkit"}
+
+func (res *Results) header() []string {
+	h := []string{"config", "workload", "unit"}
+	peers := res.peers()
+	var names []string
+	for _, d := range peers {
+		h = append(h, peerTitle[d])
+		names = append(names, peerTitle[d])
+	}
+	for _, d := range others(peers) {
+		h = append(h, "blockd/"+peerTitle[d])
+	}
+	return append(h, "server CPU "+strings.Join(names, " / "))
+}
+
+func ratioCell(x float64) string {
+	if math.IsNaN(x) || math.IsInf(x, 0) {
+		return "—"
+	}
+	return fmt.Sprintf("%.2f", x)
+}
+
+func (r *Row) cells(peers []Daemon, spreads, bold bool) []string {
 	unit := r.Metric.Unit
 	if r.Metric.LowerBetter {
 		unit += " ↓"
 	} else {
 		unit += " ↑"
 	}
-	q, b := num(r.Median(QSD)), num(r.Median(Blockd))
-	if spreads {
-		q += spread(r.Values[QSD])
-		b += spread(r.Values[Blockd])
+	c := []string{r.Config, r.Metric.Label, unit}
+	var cpus []string
+	for _, d := range peers {
+		v := num(r.Median(d))
+		if spreads {
+			v += spread(r.Values[d])
+		}
+		c = append(c, v)
+		cpus = append(cpus, num(r.CPUMedian(d)))
 	}
-	ratio := "—"
-	if x := r.Ratio(); !math.IsNaN(x) && !math.IsInf(x, 0) {
-		ratio = fmt.Sprintf("%.2f", x)
+	for _, d := range others(peers) {
+		x := ratioCell(r.RatioTo(d))
+		if bold && x != "—" {
+			x = "**" + x + "**"
+		}
+		c = append(c, x)
 	}
 	cpu := ""
 	if r.Metric.CPUUnit != "" {
-		cpu = fmt.Sprintf("%s / %s %s", num(r.CPUMedian(QSD)), num(r.CPUMedian(Blockd)), r.Metric.CPUUnit)
+		cpu = strings.Join(cpus, " / ") + " " + r.Metric.CPUUnit
 	}
-	return []string{r.Config, r.Metric.Label, unit, q, b, ratio, cpu}
+	return append(c, cpu)
 }
-
-var header = []string{"config", "workload", "unit", "QSD", "blockd", "blockd/QSD", "server CPU QSD / blockd"}
 
 // WriteText prints the table for a terminal. With spreads, each median is
 // followed by the minimum and maximum of its repetitions.
 func (res *Results) WriteText(w io.Writer, spreads bool) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, strings.Join(header, "\t"))
+	fmt.Fprintln(tw, strings.Join(res.header(), "\t"))
+	peers := res.peers()
 	for _, r := range res.Rows {
-		fmt.Fprintln(tw, strings.Join(r.cells(spreads), "\t"))
+		fmt.Fprintln(tw, strings.Join(r.cells(peers, spreads, false), "\t"))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -150,14 +200,13 @@ func (res *Results) WriteText(w io.Writer, spreads bool) error {
 
 // WriteMarkdown prints the table as Markdown.
 func (res *Results) WriteMarkdown(w io.Writer, spreads bool) error {
-	fmt.Fprintf(w, "| %s |\n|%s\n", strings.Join(header, " | "), strings.Repeat("---|", len(header)))
+	h := res.header()
+	fmt.Fprintf(w, "| %s |\n|%s\n", strings.Join(h, " | "), strings.Repeat("---|", len(h)))
+	peers := res.peers()
 	for _, r := range res.Rows {
-		c := r.cells(spreads)
+		c := r.cells(peers, spreads, true)
 		if r.Config == "convert" {
 			c[0] = "convert (qemu-img / blockd-img)"
-		}
-		if !math.IsNaN(r.Ratio()) {
-			c[5] = fmt.Sprintf("**%s**", c[5])
 		}
 		fmt.Fprintf(w, "| %s |\n", strings.Join(c, " | "))
 	}
@@ -168,7 +217,8 @@ func (res *Results) WriteMarkdown(w io.Writer, spreads bool) error {
 func (res *Results) writeNotes(w io.Writer) error {
 	o := res.Options
 	_, err := fmt.Fprintf(w, "\nMedians of %d repetition(s); disk %d MiB; fio %v after %v ramp. ↑ higher is better, ↓ lower is better; "+
-		"ratio = blockd/QSD. Server CPU is the daemon's user+system time per unit of work. Convert rows compare qemu-img with blockd-img.\n",
+		"ratios are blockd's figure over the peer's. Server CPU is the daemon's user+system time per unit of work. "+
+		"Convert rows compare qemu-img (QSD column) with blockd-img.\n",
 		o.Reps, o.Size>>20, o.Runtime, o.Ramp)
 	for _, n := range res.Notes {
 		if _, err := fmt.Fprintf(w, "- %s\n", n); err != nil {

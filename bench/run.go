@@ -36,6 +36,9 @@ type Options struct {
 	// writes a CPU profile of blockd for every workload there, plus a
 	// mutex profile per daemon run. Profiling costs a few percent.
 	ProfileDir string
+	// NoNBDKit leaves nbdkit out; by default it runs as a third peer on
+	// the setups it can serve when it is installed.
+	NoNBDKit bool
 	// Syscalls counts the server's system calls and context switches
 	// per I/O during each fio run with perf stat (needs perf and the
 	// raw_syscalls tracepoint). perf attaches to the threads that exist
@@ -57,7 +60,8 @@ func QuickOptions() Options {
 	return Options{Dir: "/dev/shm", Size: 64 << 20, Runtime: 500 * time.Millisecond, Reps: 1}
 }
 
-// Tools are the peer tools a run needs.
+// Tools are the peer tools a run needs. nbdkit is optional: without it the
+// nbdkit column stays empty.
 var Tools = []string{"qemu-storage-daemon", "qemu-img", "fio", "nbdcopy", "nbdinfo", "cryptsetup", "go"}
 
 // MissingTools returns the peer tools that are not on PATH.
@@ -79,7 +83,8 @@ type runner struct {
 	blockd string
 	img    string // blockd-img, "" when unavailable
 	imgs   *images
-	qcow2  bool // blockd has the qcow2 driver
+	qcow2  bool            // blockd has the qcow2 driver
+	nbdkit map[string]bool // nbdkit filters available ("" for nbdkit itself)
 	res    *Results
 }
 
@@ -130,6 +135,7 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 		}
 	}
 	r.qcow2 = r.blockdHasDriver("qcow2")
+	r.nbdkit = map[string]bool{}
 	r.res.Notes = append(r.res.Notes, "load average at start: "+loadavg())
 	defer func() { r.res.Notes = append(r.res.Notes, "load average at end: "+loadavg()) }()
 	r.imgs = &images{dir: dir, size: o.Size, log: r.logf}
@@ -220,22 +226,54 @@ func (r *runner) blockdHasDriver(name string) bool {
 	return !strings.Contains(string(out), "does not accept value '"+name+"'")
 }
 
-// runConfig runs every selected workload against both daemons, Reps times,
-// alternating which daemon goes first.
+// NBDKitAvailable reports whether nbdkit is installed with its file plugin
+// and the filter named ("" for none).
+func NBDKitAvailable(ctx context.Context, filter string) bool {
+	args := []string{"file", "--dump-plugin"}
+	if filter != "" {
+		args = append([]string{"--filter=" + filter}, args...)
+	}
+	return exec.CommandContext(ctx, "nbdkit", args...).Run() == nil
+}
+
+// hasNBDKit is NBDKitAvailable, asked once per filter and run.
+func (r *runner) hasNBDKit(filter string) bool {
+	ok, done := r.nbdkit[filter]
+	if !done {
+		ok = NBDKitAvailable(r.ctx, filter)
+		r.nbdkit[filter] = ok
+	}
+	return ok
+}
+
+// peers returns the servers that run setup c, in report order.
+func (r *runner) peers(c *Config) []Daemon {
+	if c.BlockdOnly != "" {
+		r.res.Notes = append(r.res.Notes, fmt.Sprintf("%s: blockd only; %s", c.Name, c.BlockdOnly))
+		return []Daemon{Blockd}
+	}
+	daemons := []Daemon{QSD, Blockd}
+	if c.NBDKit != nil && !r.o.NoNBDKit {
+		if r.hasNBDKit(c.NBDKitFilter) {
+			daemons = append(daemons, NBDKit)
+		} else {
+			r.res.Notes = append(r.res.Notes, fmt.Sprintf("%s: nbdkit skipped, not installed or without the %q filter", c.Name, c.NBDKitFilter))
+		}
+	}
+	return daemons
+}
+
+// runConfig runs every selected workload against each server, Reps times,
+// rotating which server goes first (with two servers: QSD first in odd
+// repetitions, blockd first in even ones).
 func (r *runner) runConfig(c *Config) error {
 	if err := c.Make(r.ctx, r.imgs); err != nil {
 		return err
 	}
-	daemons := []Daemon{QSD, Blockd}
-	if c.BlockdOnly != "" {
-		daemons = []Daemon{Blockd}
-		r.res.Notes = append(r.res.Notes, fmt.Sprintf("%s: blockd only; %s", c.Name, c.BlockdOnly))
-	}
+	daemons := r.peers(c)
 	for rep := 1; rep <= r.o.Reps; rep++ {
-		order := slices.Clone(daemons)
-		if rep%2 == 0 {
-			slices.Reverse(order)
-		}
+		k := (rep - 1) % len(daemons)
+		order := append(slices.Clone(daemons[k:]), daemons[:k]...)
 		for _, d := range order {
 			if c.Fresh != nil {
 				if err := c.Fresh(r.ctx, r.imgs); err != nil {

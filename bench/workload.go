@@ -281,17 +281,21 @@ func (r *runner) runNbdcopy(c *Config, w *Workload, d Daemon, p *process) error 
 type convertCase struct {
 	name, label string
 	args        func(im *images, out string) []string
+	needsQcow2  bool // skipped unless blockd-img has the qcow2 driver
 }
 
 var convertCases = []convertCase{
-	{"raw-to-raw", "convert raw → raw", func(im *images, out string) []string {
+	{name: "raw-to-raw", label: "convert raw → raw", args: func(im *images, out string) []string {
 		return []string{"convert", "-f", "raw", "-O", "raw", im.path("raw.img"), out}
 	}},
-	{"luks-to-raw", "convert luks → raw (decrypt)", func(im *images, out string) []string {
+	{name: "qcow2-to-raw", label: "convert qcow2 → raw", needsQcow2: true, args: func(im *images, out string) []string {
+		return []string{"convert", "-f", "qcow2", "-O", "raw", im.path("src.qcow2"), out}
+	}},
+	{name: "luks-to-raw", label: "convert luks → raw (decrypt)", args: func(im *images, out string) []string {
 		return []string{"convert", "--object", "secret,id=s0,file=" + im.pw(), "--image-opts",
 			"driver=luks,key-secret=s0,file.filename=" + im.path("luks.img"), "-O", "raw", out}
 	}},
-	{"raw-to-luks", "convert raw → luks (encrypt, iter-time=100)", func(im *images, out string) []string {
+	{name: "raw-to-luks", label: "convert raw → luks (encrypt, iter-time=100)", args: func(im *images, out string) []string {
 		return []string{"convert", "--object", "secret,id=s0,file=" + im.pw(), "-f", "raw", im.path("raw.img"),
 			"-O", "luks", "-o", "key-secret=s0,iter-time=100", out}
 	}},
@@ -305,11 +309,21 @@ func (r *runner) runConvert() error {
 	if err := r.imgs.luks(r.ctx); err != nil {
 		return err
 	}
+	if r.qcow2 {
+		if err := r.imgs.srcQcow2(r.ctx); err != nil {
+			return err
+		}
+	} else {
+		r.res.Notes = append(r.res.Notes, "convert qcow2 → raw: skipped, blockd has no qcow2 driver")
+	}
 	out := r.imgs.path("convert-out.img")
 	defer os.Remove(out)
 	for rep := 1; rep <= r.o.Reps; rep++ {
 		r.logf("convert: repetition %d of %d", rep, r.o.Reps)
 		for _, cc := range convertCases {
+			if cc.needsQcow2 && !r.qcow2 {
+				continue
+			}
 			tools := []Daemon{QSD, Blockd}
 			if rep%2 == 0 {
 				tools = []Daemon{Blockd, QSD}

@@ -97,6 +97,9 @@ type Node struct {
 	// has_write_zeroes, has_discard, has_fallocate, cleared on ENOTSUP).
 	noZeroRange, noDiscard, noFallocate atomic.Bool
 
+	// data remembers data extents for BlockStatus.
+	data dataCache
+
 	// flushErr is the errno of a failed fdatasync on a buffered file:
 	// after one, the page cache can no longer be trusted and every later
 	// flush fails too.
@@ -361,6 +364,7 @@ func (n *Node) SetPerm(perm, shared graph.Perm) error {
 		old := n.fd
 		n.fd, n.rw = newFd, wantRW
 		n.mu.Unlock()
+		n.data.invalidate(0, -1)
 		// Closing the old descriptor drops its locks; the new one holds
 		// the same set.
 		unix.Close(old)

@@ -203,7 +203,11 @@ func (n *Node) WriteZeroes(_ context.Context, off, length int64, f graph.ReqFlag
 	if n.fd < 0 {
 		return graph.ErrClosed
 	}
-	if err := n.writeZeroes(off, length, f); err != nil {
+	err := n.writeZeroes(off, length, f)
+	// Zeroing may deallocate (a punched hole, or unwritten extents that
+	// SEEK_HOLE reports as holes), also when it failed half-way.
+	n.data.invalidate(off, length)
+	if err != nil {
 		return err
 	}
 	if f&graph.FUA != 0 {
@@ -300,6 +304,7 @@ func (n *Node) Discard(_ context.Context, off, length int64) error {
 	default:
 		err = unix.ENOTSUP
 	}
+	n.data.invalidate(off, length)
 	if err != nil && notSupported(err) {
 		n.noDiscard.Store(true)
 		return errNotSupported("discard")
@@ -313,7 +318,8 @@ const maxExtents = 64
 // BlockStatus reports holes (graph.ExtentHole|graph.ExtentZero) and data
 // from SEEK_DATA/SEEK_HOLE, following QEMU's find_allocation: a trailing
 // hole or a range past the end of the file is a hole; a file system that
-// cannot tell reports data.
+// cannot tell reports data. Data extents found are remembered (see
+// dataCache), so requests inside a known data extent cost no system call.
 func (n *Node) BlockStatus(_ context.Context, off, length int64) ([]graph.Extent, error) {
 	n.mu.RLock()
 	defer n.mu.RUnlock()
@@ -321,6 +327,10 @@ func (n *Node) BlockStatus(_ context.Context, off, length int64) ([]graph.Extent
 		return nil, graph.ErrClosed
 	}
 	end := off + length
+	if e, ok := n.data.lookup(off); ok && n.dataLen(off, e) >= length {
+		// The common case of a read inside a known data extent.
+		return []graph.Extent{{Length: length}}, nil
+	}
 	var out []graph.Extent
 	add := func(l int64, fl graph.ExtentFlags) {
 		if k := len(out); k > 0 && out[k-1].Flags == fl {
@@ -332,6 +342,11 @@ func (n *Node) BlockStatus(_ context.Context, off, length int64) ([]graph.Extent
 	}
 	const hole = graph.ExtentHole | graph.ExtentZero
 	for off < end && len(out) < maxExtents {
+		if e, ok := n.data.lookup(off); ok {
+			add(min(n.dataLen(off, e), end-off), 0)
+			continue
+		}
+		gen := n.data.generation()
 		data, holeAt, err := n.findAllocation(off)
 		switch {
 		case err == unix.ENXIO:
@@ -339,13 +354,8 @@ func (n *Node) BlockStatus(_ context.Context, off, length int64) ([]graph.Extent
 		case err != nil:
 			add(end-off, 0)
 		case data == off:
-			l := holeAt - off
-			if a := n.align; l&(a-1) != 0 {
-				// A partial block at the end of the file: report whole
-				// blocks, as QEMU does.
-				l = (l + a - 1) &^ (a - 1)
-			}
-			add(min(l, end-off), 0)
+			n.data.store(gen, off, holeAt)
+			add(min(n.dataLen(off, holeAt), end-off), 0)
 		default:
 			add(min(data-off, end-off), hole)
 		}
@@ -353,11 +363,22 @@ func (n *Node) BlockStatus(_ context.Context, off, length int64) ([]graph.Extent
 	return out, nil
 }
 
+// dataLen is the length of the data from off to the hole at holeAt in
+// whole blocks: a partial block at the end of the file counts as a whole
+// one, as in QEMU.
+func (n *Node) dataLen(off, holeAt int64) int64 {
+	l := holeAt - off
+	if a := n.align; l&(a-1) != 0 {
+		l = (l + a - 1) &^ (a - 1)
+	}
+	return l
+}
+
 // findAllocation returns, for start in data, data=start and the next hole;
 // for start in a hole, hole=start and the next data. ENXIO means start is
 // in a trailing hole or past the end of the file. n.mu is held shared.
 func (n *Node) findAllocation(start int64) (data, hole int64, err error) {
-	offs, err := unix.Seek(n.fd, start, unix.SEEK_DATA)
+	offs, err := seek(n.fd, start, unix.SEEK_DATA)
 	if err != nil {
 		return 0, 0, err
 	}
@@ -367,7 +388,7 @@ func (n *Node) findAllocation(start int64) (data, hole int64, err error) {
 	if offs > start {
 		return offs, start, nil
 	}
-	offs, err = unix.Seek(n.fd, start, unix.SEEK_HOLE)
+	offs, err = seek(n.fd, start, unix.SEEK_HOLE)
 	if err != nil {
 		return 0, 0, err
 	}
@@ -420,6 +441,7 @@ func (n *Node) TruncatePrealloc(ctx context.Context, size int64, mode graph.Prea
 	} else {
 		err = n.truncateDevice(size, mode)
 	}
+	n.data.invalidate(0, -1)
 	if sz, serr := n.fileSize(n.fd); serr == nil {
 		n.size.Store(sz)
 	}

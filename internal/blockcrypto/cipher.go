@@ -3,6 +3,10 @@
 // with a per-sector IV generator (plain, plain64, essiv:hash). The API takes a
 // whole run of sectors per call so implementations can batch and parallelise.
 //
+// The key copy and the expanded round keys live in internal/keymem memory:
+// outside the Go heap, locked into RAM, left out of core dumps, and wiped
+// and unmapped by Wipe.
+//
 // On amd64 the AES modes run in assembly: a VAES kernel (ymm registers, 16
 // blocks in flight) on CPUs with VAES, VPCLMULQDQ and AVX2, otherwise an
 // AES-NI kernel (8 blocks in flight). Elsewhere, or on CPUs without AES-NI,
@@ -23,6 +27,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/crypto/xts"
+
+	"blockd/internal/keymem"
 )
 
 // Spec names a sector cipher in LUKS terms: Cipher "aes", Mode "xts-plain64"
@@ -38,8 +44,8 @@ var (
 	// ErrUnsupported is returned for cipher specs this package does not implement.
 	ErrUnsupported = errors.New("unsupported cipher")
 	// ErrBadLength is returned when a request is not a whole number of
-	// sectors, the sector size is not a positive multiple of 16, or dst is
-	// shorter than src.
+	// sectors, the sector size is not a positive multiple of 16, the IV
+	// unit does not divide the sector size, or dst is shorter than src.
 	ErrBadLength = errors.New("blockcrypto: bad request length")
 	// ErrOverlap is returned when dst and src overlap without being the
 	// same memory.
@@ -84,24 +90,29 @@ func (k implKind) String() string {
 var defaultImpl = bestImpl()
 
 // parallelMin is the request size from which Encrypt and Decrypt split the
-// work across goroutines; each goroutine gets at least parallelMin/2 bytes.
+// work across goroutines, in parts of parallelMin/4 bytes (see parallel.go).
 var parallelMin = 256 << 10
 
 // Cipher encrypts runs of sectors. It is safe for concurrent use, except
 // that Wipe must not race with Encrypt or Decrypt.
 type Cipher struct {
 	spec   Spec
-	key    []byte
 	keyLen int
 	mode   uint8 // modeXTS or modeCBC; modeNone once wiped
 	ivgen  uint8 // ivPlain, ivPlain64 or ivESSIV
 	impl   implKind
 
-	// Assembly paths. k1 is the data key; k2 is the XTS tweak key or the
-	// ESSIV key.
-	k1, k2 schedule
+	// mem is the keymem region that holds the key copy and the assembly
+	// paths' round keys; key, k1 and k2 point into it. k1 is the data
+	// key; k2 is the XTS tweak key or the ESSIV key.
+	mem     []byte
+	key     []byte
+	k1, k2  *schedule
+	wipeMu  sync.Mutex      // serialises Wipe
+	cleanup runtime.Cleanup // frees mem if the cipher is dropped unwiped
 
-	// Portable path.
+	// Portable path. crypto/aes keeps its round keys in the Go heap;
+	// Wipe zeroes them (wipeBlock).
 	xts     *xts.Cipher
 	cbc     cipher.Block
 	essiv   cipher.Block
@@ -109,8 +120,17 @@ type Cipher struct {
 	cbcPool sync.Pool      // *cbcState, reusable CBC modes for the portable path
 }
 
+// Layout of a cipher's keymem region: both schedules and the key, each
+// starting on a cache line, in one page.
+const (
+	memK1    = 0
+	memK2    = (unsafe.Sizeof(schedule{}) + 63) &^ 63
+	memKey   = 2 * memK2
+	memTotal = memKey + 64 // room for the longest key (512-bit XTS)
+)
+
 // New makes a Cipher from a spec and a key (the LUKS volume key). The key is
-// copied; call Wipe when done.
+// copied into locked memory; call Wipe when done.
 func New(spec Spec, key []byte) (*Cipher, error) {
 	return newCipher(spec, key, defaultImpl)
 }
@@ -155,7 +175,18 @@ func newCipher(spec Spec, key []byte, impl implKind) (*Cipher, error) {
 	default:
 		return nil, fmt.Errorf("%w: mode %q", ErrUnsupported, mode)
 	}
-	c.key = append([]byte(nil), key...)
+	mem, err := keymem.Alloc(int(memTotal))
+	if err != nil {
+		return nil, err
+	}
+	// A cipher dropped without Wipe still gives its memory back (wiped)
+	// once the collector finds it unreachable.
+	c.mem = mem
+	c.cleanup = runtime.AddCleanup(c, keymem.Free, mem)
+	c.k1 = (*schedule)(unsafe.Pointer(&mem[memK1]))
+	c.k2 = (*schedule)(unsafe.Pointer(&mem[memK2]))
+	c.key = mem[memKey : memKey+uintptr(len(key)) : memKey+uintptr(len(key))]
+	copy(c.key, key)
 
 	var essivKey []byte
 	if c.ivgen == ivESSIV {
@@ -186,7 +217,6 @@ func newCipher(spec Spec, key []byte, impl implKind) (*Cipher, error) {
 		}
 		return b, err
 	}
-	var err error
 	switch c.mode {
 	case modeXTS:
 		c.xts, err = xts.NewCipher(newBlock, c.key)
@@ -220,17 +250,34 @@ func (c *Cipher) Implementation() string { return c.impl.String() }
 // caller computes). Sector numbers advance by one per sector; with the
 // "plain" IV generator only their low 32 bits are used.
 func (c *Cipher) Encrypt(dst, src []byte, first uint64, sectorSize int) error {
-	return c.run(dst, src, first, sectorSize, true)
+	return c.run(dst, src, first, sectorSize, sectorSize, true)
 }
 
 // Decrypt is the inverse of Encrypt.
 func (c *Cipher) Decrypt(dst, src []byte, first uint64, sectorSize int) error {
-	return c.run(dst, src, first, sectorSize, false)
+	return c.run(dst, src, first, sectorSize, sectorSize, false)
 }
 
-func (c *Cipher) run(dst, src []byte, first uint64, ss int, enc bool) error {
-	if ss <= 0 || ss%16 != 0 || len(src)%ss != 0 || len(dst) < len(src) {
-		return fmt.Errorf("%w: %d bytes for sector size %d", ErrBadLength, len(src), ss)
+// EncryptUnits is Encrypt with IV numbers counted in ivUnit-byte units
+// rather than in sectors: sector k of the run gets IV number
+// first + k*sectorSize/ivUnit. ivUnit must be positive and divide
+// sectorSize. This is how dm-crypt (without iv_large_sectors), cryptsetup
+// and QEMU number the IVs of LUKS2 volumes with sectors larger than 512
+// bytes: ivUnit 512, first = offset/512 + iv_tweak. The whole run is one
+// batch, split across goroutines when large, like a run of 512-byte
+// sectors. EncryptUnits(dst, src, first, ss, ss) is Encrypt.
+func (c *Cipher) EncryptUnits(dst, src []byte, first uint64, sectorSize, ivUnit int) error {
+	return c.run(dst, src, first, sectorSize, ivUnit, true)
+}
+
+// DecryptUnits is the inverse of EncryptUnits.
+func (c *Cipher) DecryptUnits(dst, src []byte, first uint64, sectorSize, ivUnit int) error {
+	return c.run(dst, src, first, sectorSize, ivUnit, false)
+}
+
+func (c *Cipher) run(dst, src []byte, first uint64, ss, unit int, enc bool) error {
+	if ss <= 0 || ss%16 != 0 || unit <= 0 || ss%unit != 0 || len(src)%ss != 0 || len(dst) < len(src) {
+		return fmt.Errorf("%w: %d bytes for sector size %d, IV unit %d", ErrBadLength, len(src), ss, unit)
 	}
 	if c.mode == modeNone {
 		return ErrWiped
@@ -242,40 +289,25 @@ func (c *Cipher) run(dst, src []byte, first uint64, ss int, enc bool) error {
 	if inexactOverlap(dst, src) {
 		return ErrOverlap
 	}
+	step := uint64(ss / unit)
 	if len(src) >= parallelMin && runtime.GOMAXPROCS(0) > 1 {
-		c.parallel(dst, src, first, ss, enc)
+		c.parallel(dst, src, first, step, ss, enc)
 		return nil
 	}
-	c.crypt(dst, src, first, ss, enc)
+	c.crypt(dst, src, first, step, ss, enc)
 	return nil
 }
 
-// parallel splits a large request into runs of whole sectors and does them
-// on separate goroutines, the first on the calling one.
-func (c *Cipher) parallel(dst, src []byte, first uint64, ss int, enc bool) {
-	nsect := len(src) / ss
-	parts := min(runtime.GOMAXPROCS(0), len(src)/(parallelMin/2), nsect)
-	per := (nsect + parts - 1) / parts
-	var wg sync.WaitGroup
-	for lo := per; lo < nsect; lo += per {
-		hi := min(lo+per, nsect)
-		wg.Go(func() {
-			c.crypt(dst[lo*ss:hi*ss], src[lo*ss:hi*ss], first+uint64(lo), ss, enc)
-		})
-	}
-	c.crypt(dst[:per*ss], src[:per*ss], first, ss, enc)
-	wg.Wait()
-}
-
-// crypt does one run of whole sectors on the calling goroutine.
-func (c *Cipher) crypt(dst, src []byte, first uint64, ss int, enc bool) {
+// crypt does one run of whole sectors on the calling goroutine; sector k
+// of the run has IV number first + k*step.
+func (c *Cipher) crypt(dst, src []byte, first, step uint64, ss int, enc bool) {
 	if c.impl != implPortable {
-		c.cryptAsm(dst, src, first, ss, enc)
+		c.cryptAsm(dst, src, first, step, ss, enc)
 		return
 	}
 	if c.mode == modeXTS {
 		for i := 0; i < len(src); i += ss {
-			sec := c.ivSector(first + uint64(i/ss))
+			sec := c.ivSector(first + uint64(i/ss)*step)
 			if enc {
 				c.xts.Encrypt(dst[i:i+ss], src[i:i+ss], sec)
 			} else {
@@ -284,7 +316,7 @@ func (c *Cipher) crypt(dst, src []byte, first uint64, ss int, enc bool) {
 		}
 		return
 	}
-	c.cbcPortable(dst, src, first, ss, enc)
+	c.cbcPortable(dst, src, first, step, ss, enc)
 }
 
 // ivSector applies the IV generator's width to a sector number.
@@ -295,12 +327,12 @@ func (c *Cipher) ivSector(sec uint64) uint64 {
 	return sec
 }
 
-// putIVInputs writes the 16-byte IV generator input of sectors first..first+k-1
-// (the sector number, little-endian, zero-padded) into buf.
-func (c *Cipher) putIVInputs(buf []byte, first uint64, k int) {
+// putIVInputs writes the 16-byte IV generator inputs of k sectors into
+// buf: sector i's IV number first + i*step, little-endian, zero-padded.
+func (c *Cipher) putIVInputs(buf []byte, first, step uint64, k int) {
 	for i := 0; i < k; i++ {
 		b := buf[16*i : 16*i+16]
-		binary.LittleEndian.PutUint64(b[:8], c.ivSector(first+uint64(i)))
+		binary.LittleEndian.PutUint64(b[:8], c.ivSector(first+uint64(i)*step))
 		binary.LittleEndian.PutUint64(b[8:], 0)
 	}
 }
@@ -321,10 +353,10 @@ func (c *Cipher) newCBCState() any {
 	}
 }
 
-func (c *Cipher) cbcPortable(dst, src []byte, first uint64, ss int, enc bool) {
+func (c *Cipher) cbcPortable(dst, src []byte, first, step uint64, ss int, enc bool) {
 	st := c.cbcPool.Get().(*cbcState)
 	for i := 0; i < len(src); i += ss {
-		c.putIVInputs(st.iv[:], first+uint64(i/ss), 1)
+		c.putIVInputs(st.iv[:], first+uint64(i/ss)*step, step, 1)
 		if c.essiv != nil {
 			c.essiv.Encrypt(st.iv[:], st.iv[:])
 		}
@@ -355,17 +387,28 @@ func inexactOverlap(x, y []byte) bool {
 	return xs < ys+uintptr(len(y)) && ys < xs+uintptr(len(x))
 }
 
-// Wipe zeroes the key copy and every expanded round key held by the cipher.
-// The cipher must not be used afterwards; Encrypt and Decrypt then return
-// ErrWiped.
+// Wipe zeroes the key copy and every expanded round key held by the cipher
+// and releases the locked memory that held them. The cipher must not be
+// used afterwards: Encrypt and Decrypt then return ErrWiped. Wipe may be
+// called more than once.
 func (c *Cipher) Wipe() {
-	clear(c.key)
-	c.k1.wipe()
-	c.k2.wipe()
+	c.wipeMu.Lock()
+	defer c.wipeMu.Unlock()
+	c.mode = modeNone
 	for _, b := range c.blocks {
 		wipeBlock(b)
 	}
 	c.blocks = nil
 	c.xts, c.cbc, c.essiv = nil, nil, nil
-	c.mode = modeNone
+	if c.mem != nil {
+		c.cleanup.Stop()
+		keymem.Free(c.mem)
+	}
+	c.mem, c.key, c.k1, c.k2 = nil, nil, nil, nil
+}
+
+// Close is Wipe, for owners that release resources through io.Closer.
+func (c *Cipher) Close() error {
+	c.Wipe()
+	return nil
 }

@@ -9,12 +9,19 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"reflect"
 	"runtime"
+	"strconv"
+	"strings"
 	"testing"
+	"time"
 	"unsafe"
 
 	"golang.org/x/crypto/xts"
+	"golang.org/x/sys/unix"
+
+	"blockd/internal/keymem"
 )
 
 // forEachImpl runs f once per implementation this CPU supports, so the
@@ -32,6 +39,7 @@ func mustNew(t testing.TB, spec Spec, key []byte, impl implKind) *Cipher {
 	if err != nil {
 		t.Fatalf("newCipher(%v, %d-byte key, %v): %v", spec, len(key), impl, err)
 	}
+	t.Cleanup(c.Wipe)
 	if c.impl != impl {
 		t.Fatalf("impl = %v, want %v", c.impl, impl)
 	}
@@ -450,18 +458,38 @@ func TestWipe(t *testing.T) {
 			if err := c.Encrypt(buf, buf, 0, 512); err != nil {
 				t.Fatal(err)
 			}
+			// The key copy and the round keys are in the cipher's keymem
+			// region, which is left out of core dumps and wiped on fork.
+			if !bytes.Equal(c.key, key) {
+				t.Fatalf("%v: key copy %x", spec, c.key)
+			}
+			if impl != implPortable && (c.k1.rounds == 0 || c.k2.rounds == 0) {
+				t.Fatalf("%v: round keys not expanded", spec)
+			}
+			base := uintptr(unsafe.Pointer(&c.mem[0]))
+			for name, p := range map[string]unsafe.Pointer{"key": unsafe.Pointer(&c.key[0]),
+				"k1": unsafe.Pointer(c.k1), "k2": unsafe.Pointer(c.k2)} {
+				if a := uintptr(p); a < base || a >= base+uintptr(len(c.mem)) {
+					t.Fatalf("%v: %s at %#x, outside the key region %#x+%d", spec, name, a, base, len(c.mem))
+				}
+			}
+			if flags := vmFlags(t, base); !strings.Contains(flags, "dd") || !strings.Contains(flags, "wf") {
+				t.Errorf("%v: key region VmFlags %q, want dd (no dump) and wf (wipe on fork)", spec, flags)
+			}
+			if keymem.IsLocked(c.mem) && !strings.Contains(vmFlags(t, base), "lo") {
+				t.Errorf("%v: key region reported locked but not mlocked", spec)
+			}
 			blocks := append([]cipher.Block(nil), c.blocks...)
 			if impl == implPortable && len(blocks) != 2 {
 				t.Fatalf("portable %v holds %d blocks, want 2", spec, len(blocks))
 			}
 			c.Wipe()
-			if !allZero(c.key) {
-				t.Errorf("%v: key not wiped", spec)
+			if c.key != nil || c.k1 != nil || c.k2 != nil || c.mem != nil {
+				t.Errorf("%v: key memory still referenced after Wipe", spec)
 			}
-			for _, s := range []*schedule{&c.k1, &c.k2} {
-				if !allZero(s.enc[:]) || !allZero(s.dec[:]) || s.rounds != 0 {
-					t.Errorf("%v: round keys not wiped", spec)
-				}
+			// keymem.Free zeroes the region before it unmaps it.
+			if mapped(base) {
+				t.Errorf("%v: key region still mapped after Wipe", spec)
 			}
 			for _, b := range blocks {
 				if !allZero(blockMemory(b)) {
@@ -471,8 +499,66 @@ func TestWipe(t *testing.T) {
 			if err := c.Encrypt(buf, buf, 0, 512); !errors.Is(err, ErrWiped) {
 				t.Errorf("Encrypt after Wipe = %v, want ErrWiped", err)
 			}
+			c.Wipe() // again: nothing happens
+			if err := c.Close(); err != nil {
+				t.Errorf("Close after Wipe: %v", err)
+			}
 		}
 	})
+}
+
+// TestDroppedCipherFreesKeyMemory checks that a cipher that is dropped
+// without Wipe gives its key region back once collected.
+func TestDroppedCipherFreesKeyMemory(t *testing.T) {
+	c, err := New(Spec{"aes", "xts-plain64"}, make([]byte, 64))
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := uintptr(unsafe.Pointer(&c.mem[0]))
+	c = nil
+	for i := 0; i < 50 && mapped(base); i++ {
+		runtime.GC()
+		time.Sleep(time.Millisecond)
+	}
+	if mapped(base) {
+		t.Fatal("the key region of an unreachable cipher is still mapped")
+	}
+}
+
+// vmFlags returns the smaps VmFlags of the mapping that contains addr.
+func vmFlags(t *testing.T, addr uintptr) string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/smaps")
+	if err != nil {
+		t.Skipf("no smaps: %v", err)
+	}
+	in := false
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 {
+			continue
+		}
+		if lo, hi, ok := strings.Cut(f[0], "-"); ok && !strings.HasSuffix(f[0], ":") {
+			start, err1 := strconv.ParseUint(lo, 16, 64)
+			end, err2 := strconv.ParseUint(hi, 16, 64)
+			in = err1 == nil && err2 == nil && uint64(addr) >= start && uint64(addr) < end
+			continue
+		}
+		if in && f[0] == "VmFlags:" {
+			return strings.Join(f[1:], " ")
+		}
+	}
+	t.Fatalf("no mapping contains %#x", addr)
+	return ""
+}
+
+// mapped reports whether the page at addr is mapped (mincore fails with
+// ENOMEM for unmapped memory).
+func mapped(addr uintptr) bool {
+	page := uintptr(os.Getpagesize())
+	var vec [1]byte
+	_, _, e := unix.Syscall(unix.SYS_MINCORE, addr&^(page-1), page, uintptr(unsafe.Pointer(&vec[0])))
+	return e != unix.ENOMEM
 }
 
 func TestWipeBlockTouchesRoundKeys(t *testing.T) {

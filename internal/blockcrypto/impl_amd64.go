@@ -108,8 +108,9 @@ const ivBatch = 16
 
 // cryptAsm does a run of whole sectors with the assembly kernels: batches of
 // up to ivBatch sectors whose tweaks (XTS) or IVs (CBC) are made together,
-// or a single fused call when the run is one XTS sector.
-func (c *Cipher) cryptAsm(dst, src []byte, first uint64, ss int, enc bool) {
+// or a single fused call when the run is one XTS sector. Sector k of the run
+// has IV number first + k*step.
+func (c *Cipher) cryptAsm(dst, src []byte, first, step uint64, ss int, enc bool) {
 	vaes := c.impl == implVAES
 	if c.mode == modeXTS && len(src) == ss {
 		// One sector: the tweak is encrypted inside the kernel.
@@ -129,7 +130,7 @@ func (c *Cipher) cryptAsm(dst, src []byte, first uint64, ss int, enc bool) {
 	var ivs [ivBatch * 16]byte
 	for len(src) > 0 {
 		k := min(len(src)/ss, ivBatch)
-		c.putIVInputs(ivs[:], first, k)
+		c.putIVInputs(ivs[:], first, step, k)
 		if c.mode == modeXTS || c.ivgen == ivESSIV {
 			c.encryptIVs(&ivs, k, vaes)
 		}
@@ -152,7 +153,7 @@ func (c *Cipher) cryptAsm(dst, src []byte, first uint64, ss int, enc bool) {
 			cbcDecAESNI(&c.k1.dec[0], c.k1.rounds, d, s, iv, k, ss)
 		}
 		dst, src = dst[n:], src[n:]
-		first += uint64(k)
+		first += uint64(k) * step
 	}
 }
 

@@ -1,9 +1,10 @@
 // Command sidebyside runs the same NBD workloads against
-// qemu-storage-daemon and blockd on the same tmpfs images, and qemu-img
-// convert against blockd-img convert, and prints each figure for both and
-// their ratio. See docs/performance.md.
+// qemu-storage-daemon, blockd and (on the raw and luks setups) nbdkit on the
+// same tmpfs images, and qemu-img convert against blockd-img convert, and
+// prints each figure for every server and blockd's ratios to the others.
+// See docs/performance.md.
 //
-//	go run ./bench/cmd/sidebyside [-quick] [-reps N] [-size BYTES] [-runtime D] [-ramp D]
+//	go run ./bench/cmd/sidebyside [-quick] [-reps N] [-size BYTES] [-runtime D] [-ramp D] [-no-nbdkit]
 //	    [-configs raw,luks,...] [-workloads randread-4k-qd32-c1,...] [-markdown] [-spread] [-profile DIR] [-syscalls]
 package main
 
@@ -36,6 +37,7 @@ func main() {
 	spreads := flag.Bool("spread", false, "print each median's min–max over the repetitions")
 	profile := flag.String("profile", "", "write CPU profiles of blockd per workload (and mutex profiles) to this directory")
 	syscalls := flag.Bool("syscalls", false, "count the server's system calls and context switches per I/O with perf stat")
+	noNBDKit := flag.Bool("no-nbdkit", false, "leave nbdkit out (by default it is a third peer on the raw and luks setups)")
 	quiet := flag.Bool("q", false, "no progress lines on stderr")
 	flag.Parse()
 
@@ -56,6 +58,7 @@ func main() {
 		o.Ramp = *ramp
 	}
 	o.Syscalls = *syscalls
+	o.NoNBDKit = *noNBDKit
 	o.Dir, o.Blockd, o.BlockdImg, o.ProfileDir = *dir, *blockd, *blockdImg, *profile
 	if *configs != "" {
 		o.Configs = strings.Split(*configs, ",")
