@@ -77,7 +77,8 @@ func (r *request) fail(errno uint32, msg string) {
 	r.errno, r.msg = errno, msg
 }
 
-// transmit serves requests until the client disconnects or is killed.
+// transmit serves requests until the client disconnects or is killed, and
+// detaches the connection from its export before closing the socket.
 func (c *conn) transmit() {
 	n := c.srv.opts.MaxInFlight
 	t := &c.tx
@@ -89,11 +90,11 @@ func (c *conn) transmit() {
 	for range n {
 		t.free <- &request{}
 	}
-	var wg sync.WaitGroup
-	wg.Add(n + 1)
+	var workers, writer sync.WaitGroup
+	workers.Add(n)
 	for range n {
 		go func() {
-			defer wg.Done()
+			defer workers.Done()
 			for r := range t.work {
 				c.handle(r)
 				t.busy.Add(-1)
@@ -101,8 +102,9 @@ func (c *conn) transmit() {
 			}
 		}()
 	}
+	writer.Add(1)
 	go func() {
-		defer wg.Done()
+		defer writer.Done()
 		c.writer()
 	}()
 
@@ -111,14 +113,25 @@ func (c *conn) transmit() {
 		// A hard disconnect: cancel in-flight work; replies cannot be
 		// delivered anyway.
 		c.cancel()
-		c.raw.Close()
 	}
-	for range n { // wait for every in-flight request
+	// The reader is done, so nothing more is queued for the workers. Once
+	// they have finished, the node is no longer used and the client leaves
+	// the export, before its socket is closed: a client that has seen the
+	// connection end can at once remove the export in safe mode
+	// (block-export-del), which refuses while clients are attached. The
+	// workers never block on the writer (replies has room for every
+	// request), so this does not wait for a client that stopped reading.
+	close(t.work)
+	workers.Wait()
+	c.srv.detach(c, c.exp)
+	if !graceful {
+		c.raw.Close() // also unblocks a writer stuck on a dead client
+	}
+	for range n { // wait until the writer has recycled every request
 		<-t.free
 	}
-	close(t.work)
 	close(t.replies)
-	wg.Wait()
+	writer.Wait()
 	if graceful {
 		c.nc.Close() // TLS close_notify, if any
 	}

@@ -7,9 +7,12 @@
 // the key (libvirt's form). Everything is decoded and decrypted when the
 // secret is added.
 //
-// Secret bytes never appear in errors. The store keeps its own copies, hands
-// out copies that the caller should wipe when done, and wipes its copy when
-// a secret is deleted.
+// Secret bytes never appear in errors. The store keeps its own copies in
+// internal/keymem memory (outside the Go heap, locked in RAM, left out of
+// core dumps), hands out copies in key memory that the caller releases with
+// keymem.Free (luksfmt.Wipe does the same) when done, and wipes and unmaps
+// its copy when a secret is deleted, or when the Store itself is garbage
+// collected.
 package secrets
 
 import (
@@ -18,10 +21,13 @@ import (
 	"crypto/cipher"
 	"errors"
 	"fmt"
+	"runtime"
 	"sort"
 	"strings"
 	"sync"
 	"unicode/utf8"
+
+	"blockd/internal/keymem"
 )
 
 // Options are the QMP properties of a "secret" object (SecretProperties).
@@ -86,8 +92,8 @@ type Store struct {
 	// mu protects secrets and pending. It is never held while a file is
 	// read, so a slow file cannot block lookups.
 	mu sync.RWMutex
-	// secrets maps an id to the store's private copy of the secret bytes;
-	// the slices never leave the package.
+	// secrets maps an id to the store's private copy of the secret bytes,
+	// in key memory; the slices never leave the package.
 	secrets map[string][]byte
 	// pending holds the ids of secrets being added: reserved, as QEMU
 	// adds the object before loading it, but without data yet.
@@ -137,13 +143,47 @@ func (s *Store) Add(o Options) error {
 	}
 	if s.secrets == nil {
 		s.secrets = make(map[string][]byte)
+		// A Store dropped with secrets in it (tests, tools) must not leave
+		// its key memory mapped; the map is only reachable from s, so the
+		// cleanup runs when nothing can use it any more.
+		runtime.AddCleanup(s, freeAll, s.secrets)
 	}
 	s.secrets[o.ID] = data
 	return nil
 }
 
-// load reads, decodes and decrypts the secret described by o.
+// freeAll releases the key memory of every secret in m.
+func freeAll(m map[string][]byte) {
+	for _, b := range m {
+		keymem.Free(b)
+	}
+}
+
+// keyCopy returns a copy of b in key memory. When no mapping can be made it
+// falls back to the heap (keymem.Free then only wipes it).
+func keyCopy(b []byte) []byte {
+	c, err := keymem.Alloc(len(b))
+	if err != nil {
+		c = make([]byte, len(b))
+	}
+	copy(c, b)
+	return c
+}
+
+// load reads, decodes and decrypts the secret described by o and returns
+// it in key memory; the heap buffers on the way are wiped.
 func (s *Store) load(o Options, base64 bool) ([]byte, error) {
+	data, err := s.loadHeap(o, base64)
+	if err != nil {
+		return nil, err
+	}
+	out := keyCopy(data)
+	keymem.Free(data)
+	return out, nil
+}
+
+// loadHeap is load without the final copy to key memory.
+func (s *Store) loadHeap(o Options, base64 bool) ([]byte, error) {
 	var input []byte
 	switch {
 	case o.File != nil && o.Data != nil:
@@ -180,7 +220,7 @@ func (s *Store) decrypt(keyID, iv string, input []byte, base64 bool) ([]byte, er
 	if err != nil {
 		return nil, err
 	}
-	defer clear(key)
+	defer keymem.Free(key)
 	if len(key) != 32 {
 		return nil, errors.New("Key should be 32 bytes in length")
 	}
@@ -215,7 +255,10 @@ func (s *Store) decrypt(keyID, iv string, input []byte, base64 bool) ([]byte, er
 		// glibc's allocator that byte is 0, so the secret is empty.
 		return []byte{}, nil
 	}
-	plaintext := make([]byte, len(ciphertext))
+	plaintext, err := keymem.Alloc(len(ciphertext))
+	if err != nil {
+		plaintext = make([]byte, len(ciphertext))
+	}
 	cipher.NewCBCDecrypter(block, ivBytes).CryptBlocks(plaintext, ciphertext)
 
 	// Like QEMU, check only the last byte: at most one block of padding,
@@ -223,16 +266,17 @@ func (s *Store) decrypt(keyID, iv string, input []byte, base64 bool) ([]byte, er
 	// key and IV it is padding, not secret data.
 	pad := int(plaintext[len(plaintext)-1])
 	if pad > aes.BlockSize || pad > len(plaintext) {
-		clear(plaintext)
+		keymem.Free(plaintext)
 		return nil, fmt.Errorf("Incorrect number of padding bytes (%d) found on decrypted data", pad)
 	}
 	n := len(plaintext) - pad
-	clear(plaintext[n:])
-	return plaintext[:n:n], nil
+	out := keyCopy(plaintext[:n])
+	keymem.Free(plaintext)
+	return out, nil
 }
 
-// lookup returns a copy of a secret, with QEMU's qcrypto_secret_lookup
-// errors.
+// lookup returns a copy of a secret in key memory, with QEMU's
+// qcrypto_secret_lookup errors.
 func (s *Store) lookup(id string) ([]byte, error) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
@@ -243,11 +287,12 @@ func (s *Store) lookup(id string) ([]byte, error) {
 		}
 		return nil, notFound(id)
 	}
-	return bytes.Clone(b), nil
+	return keyCopy(b), nil
 }
 
-// Get returns a copy of the secret's bytes. The caller owns the copy and
-// should wipe it (clear) when done.
+// Get returns a copy of the secret's bytes in key memory. The caller owns
+// the copy and must release it with keymem.Free (or luksfmt.Wipe) when
+// done; clearing it is not enough, the mapping would stay.
 func (s *Store) Get(id string) ([]byte, error) {
 	return s.lookup(id)
 }
@@ -261,13 +306,13 @@ func (s *Store) GetUTF8(id string) ([]byte, error) {
 		return nil, err
 	}
 	if !utf8.Valid(b) || bytes.IndexByte(b, 0) >= 0 {
-		clear(b)
+		keymem.Free(b)
 		return nil, fmt.Errorf("Data from secret %s is not valid UTF-8", id)
 	}
 	return b, nil
 }
 
-// Delete removes a secret and wipes the store's copy. Copies handed out by
+// Delete removes a secret and wipes and unmaps the store's copy. Copies handed out by
 // Get are not affected. Like QEMU, deleting a secret that something still
 // uses succeeds.
 func (s *Store) Delete(id string) error {
@@ -277,8 +322,8 @@ func (s *Store) Delete(id string) error {
 	if !ok {
 		return &qemuError{msg: fmt.Sprintf("object '%s' not found", id), kind: ErrNotFound}
 	}
-	clear(b)
 	delete(s.secrets, id)
+	keymem.Free(b)
 	return nil
 }
 

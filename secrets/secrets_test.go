@@ -13,6 +13,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"blockd/internal/keymem"
 )
 
 func ptr[T any](v T) *T { return &v }
@@ -243,19 +245,22 @@ func TestGetDelete(t *testing.T) {
 	// Get hands out copies.
 	got, _ := s.Get("b")
 	clear(got)
-	if again, _ := s.Get("b"); string(again) != "hunter2" {
+	keymem.Free(got)
+	again, _ := s.Get("b")
+	if string(again) != "hunter2" {
 		t.Fatalf("secret changed through a returned copy: %q", again)
 	}
+	keymem.Free(again)
 
-	// Delete wipes the stored bytes.
+	// Delete wipes the stored bytes (and unmaps them).
 	s.mu.RLock()
 	stored := s.secrets["b"]
 	s.mu.RUnlock()
 	if err := s.Delete("b"); err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(stored, make([]byte, len(stored))) {
-		t.Fatalf("stored bytes not wiped: %q", stored)
+	if b, mapped := readMem(t, stored); mapped && bytes.Contains(b, []byte("hunter2")) {
+		t.Fatalf("stored bytes not wiped: %q", b)
 	}
 	if s.Has("b") {
 		t.Fatal("deleted secret still present")
@@ -344,8 +349,11 @@ func TestConcurrent(t *testing.T) {
 						t.Error(err)
 					}
 				case 1:
-					if b, err := s.Get(id); err == nil && string(b) != marker {
-						t.Errorf("got %q", b)
+					if b, err := s.Get(id); err == nil {
+						if string(b) != marker {
+							t.Errorf("got %q", b)
+						}
+						keymem.Free(b)
 					}
 				case 2:
 					if err := s.Delete(id); err != nil && !errors.Is(err, ErrNotFound) {

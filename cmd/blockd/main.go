@@ -81,7 +81,9 @@ func parseArgs(args []string) ([]opt, error) {
 	for i := 0; i < len(args); i++ {
 		a := args[i]
 		if !strings.HasPrefix(a, "-") {
-			return nil, fmt.Errorf("Unexpected argument: %s", a)
+			// A stray argument may be the rest of a mistyped --object.
+			shown, _ := redactKeyval(a)
+			return nil, fmt.Errorf("Unexpected argument: %s", shown)
 		}
 		name := strings.TrimLeft(a, "-")
 		val, hasVal := "", false
@@ -113,6 +115,9 @@ func parseArgs(args []string) ([]opt, error) {
 				return nil, fmt.Errorf("option '--%s' doesn't allow an argument", name)
 			}
 		default:
+			if hasVal { // the value may hold secret data
+				return nil, fmt.Errorf("unrecognized option '--%s=...'", name)
+			}
 			return nil, fmt.Errorf("unrecognized option '%s'", a)
 		}
 		out = append(out, opt{name, val})
@@ -172,7 +177,11 @@ func run(args []string) int {
 	st := &startup{d: d, chardevs: map[string]net.Listener{}}
 	for _, o := range opts {
 		if err := st.apply(o); err != nil {
-			fmt.Fprintf(os.Stderr, "blockd: --%s %s: %v\n", o.name, o.arg, err)
+			arg, msg := o.arg, err.Error()
+			if o.name == "object" {
+				arg, msg = redactObject(arg, msg)
+			}
+			fmt.Fprintf(os.Stderr, "blockd: --%s %s: %s\n", o.name, arg, msg)
 			d.Close()
 			return 1
 		}

@@ -121,6 +121,10 @@ func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 	// A LUKS2 header with one damaged copy opens from the valid one; the
 	// next metadata update (x-blockdev-amend) rewrites both.
 	n.hdr = hdr
+	// The passphrase copy (from the secret store) and the volume key
+	// (from luksfmt) are internal/keymem memory; luksfmt.Wipe wipes and
+	// unmaps them as soon as they are used. The cipher keeps its own copy,
+	// which Close wipes.
 	pass, err := o.Secret(n.keySecret)
 	if err != nil {
 		return nil, err
@@ -179,31 +183,17 @@ func (n *node) ReadAt(ctx context.Context, p []byte, off int64) error {
 	return n.decrypt(p, off)
 }
 
+// decrypt decrypts p, the payload at off, in place: one batch for the
+// whole request. IVs count 512-byte units whatever the sector size, as in
+// dm-crypt without iv_large_sectors (LUKS2 with 4 KiB sectors: the IV
+// advances by 8 per sector).
 func (n *node) decrypt(p []byte, off int64) error {
-	ss := int(n.sectorSize)
-	if ss == 512 {
-		return n.cipher.Decrypt(p, p, n.sector(off), 512)
-	}
-	// Larger sectors: each sector's IV advances by sectorSize/512.
-	for i := 0; i < len(p); i += ss {
-		if err := n.cipher.Decrypt(p[i:i+ss], p[i:i+ss], n.sector(off+int64(i)), ss); err != nil {
-			return err
-		}
-	}
-	return nil
+	return n.cipher.DecryptUnits(p, p, n.sector(off), int(n.sectorSize), 512)
 }
 
+// encrypt encrypts src, the payload at off, into dst.
 func (n *node) encrypt(dst, src []byte, off int64) error {
-	ss := int(n.sectorSize)
-	if ss == 512 {
-		return n.cipher.Encrypt(dst, src, n.sector(off), 512)
-	}
-	for i := 0; i < len(src); i += ss {
-		if err := n.cipher.Encrypt(dst[i:i+ss], src[i:i+ss], n.sector(off+int64(i)), ss); err != nil {
-			return err
-		}
-	}
-	return nil
+	return n.cipher.EncryptUnits(dst, src, n.sector(off), int(n.sectorSize), 512)
 }
 
 func (n *node) WriteAt(ctx context.Context, p []byte, off int64, f graph.ReqFlags) error {
@@ -245,6 +235,8 @@ func (n *node) TruncatePrealloc(ctx context.Context, size int64, mode graph.Prea
 	return n.file.Truncate(ctx, size+n.offset, mode)
 }
 
+// Close wipes the cipher's key material (its volume key copy and round
+// keys).
 func (n *node) Close() error {
 	n.cipher.Wipe()
 	return nil

@@ -58,10 +58,8 @@ func TestCrashChild(t *testing.T) {
 
 func TestCrash(t *testing.T) {
 	testutil.NeedTool(t, "qemu-img")
-	rounds := 6
-	if testing.Short() {
-		rounds = 2
-	}
+	// The second round and later ones start from a crashed image.
+	rounds := scaled(6, 2)
 	for _, tc := range []struct{ name, create, extra string }{
 		{"default", ``, ``},
 		{"c512", `,"cluster-size":512`, ``},

@@ -144,7 +144,7 @@ func TestFaultInjection(t *testing.T) {
 			uncertain := make([]bool, size)
 			ctl.set(3, 3, 10)
 			errs := 0
-			for i := 0; i < 1500; i++ {
+			for i := 0; i < scaled(1500, 500); i++ {
 				o := w.next(i)
 				var err error
 				switch o.kind {

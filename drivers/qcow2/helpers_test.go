@@ -25,6 +25,22 @@ import (
 
 const testPass = "qcow2 test passphrase"
 
+// shortRun reports whether the workload, crash and fault tests run in
+// their short form: under the race detector (as in CI) or with -short,
+// unless BLOCKD_LONG=1 asks for the full form. The short form runs every
+// test and every configuration, with fewer operations and crash rounds.
+func shortRun() bool {
+	return os.Getenv("BLOCKD_LONG") != "1" && (testing.Short() || raceEnabled)
+}
+
+// scaled returns full, or short in a short run.
+func scaled(full, short int) int {
+	if shortRun() {
+		return short
+	}
+	return full
+}
+
 // events records the events a graph raises.
 type events struct {
 	mu   sync.Mutex

@@ -2,5 +2,6 @@
 
 package qcow2_test
 
-// raceEnabled shortens the long workloads under the race detector.
+// raceEnabled shortens the long workloads under the race detector (see
+// shortRun).
 const raceEnabled = true

@@ -164,10 +164,7 @@ func finishImage(t *testing.T, g *graph.Graph, img string, mirror []byte, qemuOp
 // images qemu-img made with a backing chain, then checks them with
 // qemu-img.
 func TestWorkload(t *testing.T) {
-	ops := 3000
-	if testing.Short() || raceEnabled {
-		ops = 600
-	}
+	ops := scaled(3000, 300)
 	if v, err := strconv.Atoi(os.Getenv("BLOCKD_QCOW2_OPS")); err == nil && v > 0 {
 		// For long runs: BLOCKD_QCOW2_OPS=100000.
 		ops = v
@@ -228,7 +225,7 @@ func TestWorkload(t *testing.T) {
 			n := ops
 			if cs >= 1<<20 {
 				// Every small write copies a 2 MiB cluster.
-				n = max(ops/4, 100)
+				n = max(ops/4, scaled(100, 50))
 			}
 			for i := 0; i < n; i++ {
 				w.step(t, t.Context(), i)
@@ -262,6 +259,7 @@ func TestParallelWrites(t *testing.T) {
 			mirror := make([]byte, size)
 			const workers = 8
 			region := int64(size / workers)
+			perWorker := scaled(400, 120)
 			var wg sync.WaitGroup
 			errs := make(chan error, workers)
 			for w := 0; w < workers; w++ {
@@ -270,7 +268,7 @@ func TestParallelWrites(t *testing.T) {
 					defer wg.Done()
 					r := rand.New(rand.NewPCG(uint64(w), 7))
 					base := int64(w) * region
-					for i := 0; i < 400; i++ {
+					for i := 0; i < perWorker; i++ {
 						n := 1 + r.Int64N(100_000)
 						off := base + r.Int64N(region-n)
 						switch r.IntN(6) {

@@ -171,8 +171,17 @@ func (objectType) EnumValues() []string { return objectTypes }
 // objectTypes lists the qom-types blockd implements.
 var objectTypes = []string{"secret", "tls-creds-x509"}
 
-// AddObject implements --object and object-add.
+// AddObject implements --object and object-add. Its errors never contain
+// a secret's data (see hideData).
 func (d *Daemon) AddObject(tree any, keyval bool) error {
+	err := d.addObject(tree, keyval)
+	if obj, ok := tree.(map[string]any); ok && err != nil {
+		return hideData(obj, err)
+	}
+	return err
+}
+
+func (d *Daemon) addObject(tree any, keyval bool) error {
 	obj, ok := tree.(map[string]any)
 	if !ok {
 		return fmt.Errorf("Invalid parameter type for 'null', expected: object")

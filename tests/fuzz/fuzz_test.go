@@ -24,6 +24,7 @@ import (
 	"blockd/drivers/qcow2"
 	"blockd/drivers/raw"
 	"blockd/internal/daemon"
+	"blockd/internal/keymem"
 	"blockd/qmp"
 	"blockd/secrets"
 	"blockd/tests/harness"
@@ -63,7 +64,10 @@ func FuzzSecret(f *testing.F) {
 		if want := strings.ReplaceAll(data, "\x00", "\xc0\x80"); !b64 && !keyed && string(got) != want {
 			t.Fatalf("raw secret %q came back as %q", data, got)
 		}
-		_, _ = st.GetUTF8("s")
+		keymem.Free(got) // copies are key memory
+		if u, err := st.GetUTF8("s"); err == nil {
+			keymem.Free(u)
+		}
 		if err := st.Delete("s"); err != nil {
 			t.Fatal(err)
 		}

@@ -305,19 +305,72 @@ func TestNoSecretsInOutput(t *testing.T) {
 		len(transcript), len(logs), len(sec), len(forms(nil)))
 }
 
-// TestCommandLineErrorEchoesArgument documents a leak shared with
-// qemu-storage-daemon: a failing --object prints its whole argument,
-// data= included, to stderr.
-func TestCommandLineErrorEchoesArgument(t *testing.T) {
-	s := secretText("cmdline")
-	p, err := harness.Start(blockdBin, t.TempDir(), "--object", "secret,id=s0,data="+s+",keyid=nosuch,iv=AAAAAAAAAAAAAAAAAAAAAA==")
-	if err != nil {
-		t.Fatal(err)
+// TestCommandLineErrorsHideSecrets: a failing --object prints the option
+// and the error, as QEMU does, but with the secret's data replaced by
+// <redacted> (QEMU echoes it); also when the data holds a comma, which
+// keyval then takes for a parameter name that the error names, and in JSON
+// form, well-formed or not. The same failures over QMP echo nothing either.
+func TestCommandLineErrorsHideSecrets(t *testing.T) {
+	secrets := map[string][]byte{}
+	for i, tc := range []struct {
+		arg  func(s string) string
+		want string // part of the error that must still be shown
+	}{
+		{func(s string) string { return "secret,id=s0,data=" + s + ",keyid=nosuch,iv=AAAAAAAAAAAAAAAAAAAAAA==" }, "No secret with id 'nosuch'"},
+		{func(s string) string { return "secret,id=s0,data=" + s[:10] + "," + s[10:] + ",format=raw" }, "parameter '<redacted>'"},
+		{func(s string) string { return "secret,id=s0,data=" + s[:10] + "," + s[10:] + "=1" }, "<redacted>"},
+		{func(s string) string { return "secret,id=s0,data=" + s + ",format=base64" }, "secret,id=s0,data=<redacted>,format=base64"},
+		{func(s string) string {
+			return `{"qom-type":"secret","id":"s0","data":"` + s + `","keyid":"nosuch","iv":"AAAAAAAAAAAAAAAAAAAAAA=="}`
+		}, "No secret with id 'nosuch'"},
+		{func(s string) string { return `{"qom-type":"secret","id":"s0","data":"` + s + `\q"}` }, "JSON parse error"},
+	} {
+		s := secretText(fmt.Sprintf("cmdline%d", i))
+		secrets[fmt.Sprintf("case %d", i)] = []byte(s)
+		p, err := harness.Start(blockdBin, t.TempDir(), "--object", tc.arg(s))
+		if err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-p.Done():
+		case <-time.After(30 * time.Second):
+			t.Fatalf("case %d: blockd did not exit", i)
+		}
+		logs := p.Logs()
+		if !strings.Contains(logs, "blockd: --object") || !strings.Contains(logs, tc.want) {
+			t.Errorf("case %d: error output %q lacks %q", i, logs, tc.want)
+		}
+		scan(t, fmt.Sprintf("stderr of case %d", i), []byte(logs), map[string][]byte{"secret": []byte(s)})
+		// The pieces of a split secret must not appear either.
+		for _, piece := range []string{s[:10], s[10:]} {
+			if strings.Contains(logs, piece) {
+				t.Errorf("case %d: a piece of the secret (%q) is in the error output: %s", i, piece, logs)
+			}
+		}
 	}
-	<-p.Done()
-	if strings.Contains(p.Logs(), s) {
-		t.Logf("known: a failing --object echoes its argument, secret included (as QEMU's error_report does): %s", strings.TrimSpace(p.Logs()))
+
+	// The same mistakes over QMP.
+	d := harness.StartDaemonIn(t, blockdBin, t.TempDir())
+	qs := map[string][]byte{}
+	for i, args := range []func(s string) map[string]any{
+		func(s string) map[string]any {
+			return map[string]any{"data": s, "keyid": "nosuch", "iv": "AAAAAAAAAAAAAAAAAAAAAA=="}
+		},
+		func(s string) map[string]any { return map[string]any{"data": s, "format": "base64"} },
+		func(s string) map[string]any { return map[string]any{"data": s, "format": s} },
+		func(s string) map[string]any { return map[string]any{"data": s, s: "x"} },
+		func(s string) map[string]any { return map[string]any{"data": map[string]any{s: s}} },
+		func(s string) map[string]any { return map[string]any{"data": []any{s}} },
+		func(s string) map[string]any { return map[string]any{"data": s[:10] + "," + s[10:], "loaded": true} },
+	} {
+		s := secretText(fmt.Sprintf("qmp%d", i))
+		qs[fmt.Sprintf("qmp case %d", i)] = []byte(s)
+		a := args(s)
+		a["qom-type"], a["id"] = "secret", fmt.Sprintf("q%d", i)
+		d.MustFail("object-add", a, "")
 	}
+	d.Must("query-version", nil)
+	scan(t, "QMP transcript", d.Mon.Transcript(), qs)
 }
 
 // listeningSockets returns the local addresses ("tcp 0100007F:1F90") of

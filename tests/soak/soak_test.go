@@ -486,18 +486,16 @@ func (s *soak) churnQMP(m int) {
 			// Remove the export under a connected client.
 			must("block-export-del", map[string]any{"id": exp, "mode": "hard"})
 		} else {
-			c.Close()
-			// The server may not have seen the disconnect yet.
-			for deadline := time.Now().Add(10 * time.Second); ; {
-				_, err := exec("block-export-del", map[string]any{"id": exp})
-				if err == nil {
-					break
-				}
-				if !strings.Contains(err.Error(), "still in use") || time.Now().After(deadline) {
-					s.failf("monitor %d: block-export-del %s: %v", m, exp, err)
-					return
-				}
-				time.Sleep(time.Millisecond)
+			// Close sends NBD_CMD_DISC and returns once the server has
+			// closed the connection; by then the client has left the
+			// export, so a safe removal must succeed at once.
+			if err := c.Close(); err != nil {
+				s.failf("monitor %d: disconnect from %s: %v", m, exp, err)
+				return
+			}
+			if _, err := exec("block-export-del", map[string]any{"id": exp}); err != nil {
+				s.failf("monitor %d: block-export-del %s right after the client saw its connection closed: %v", m, exp, err)
+				return
 			}
 		}
 		if _, err := q.WaitEvent("BLOCK_EXPORT_DELETED", func(ev harness.Event) bool { return ev.Data["id"] == exp }, 10*time.Second); err != nil {

@@ -46,8 +46,8 @@ func diffuse(newHash func() hash.Hash, buf []byte) {
 // of key.
 func afSplit(newHash func() hash.Hash, key, dst []byte, stripes int) error {
 	n := len(key)
-	acc := make([]byte, n)
-	defer clear(acc)
+	acc := keyBuf(n)
+	defer freeKey(acc)
 	if _, err := rand.Read(dst[:n*(stripes-1)]); err != nil {
 		return err
 	}
@@ -62,8 +62,8 @@ func afSplit(newHash func() hash.Hash, key, dst []byte, stripes int) error {
 // afMerge recovers a key of len(key) bytes from its split form src.
 func afMerge(newHash func() hash.Hash, src, key []byte, stripes int) {
 	n := len(key)
-	acc := make([]byte, n)
-	defer clear(acc)
+	acc := keyBuf(n)
+	defer freeKey(acc)
 	for i := 0; i < stripes-1; i++ {
 		xorBytes(acc, src[i*n:(i+1)*n], acc)
 		diffuse(newHash, acc)

@@ -67,9 +67,9 @@ type CreateOptions struct {
 }
 
 // Create writes a new LUKS header with keyslot 0 holding opts.Passphrase to
-// w and returns the opened header and the volume key (the caller should
-// Wipe it). It writes only the metadata region [0, HeaderSize()): LUKS1
-// gets QEMU's layout (keyslots from 4096 bytes, each aligned to 4096, the
+// w and returns the opened header and the volume key, in key memory (the
+// caller must release it with Wipe). It writes only the metadata region
+// [0, HeaderSize()): LUKS1 gets QEMU's layout (keyslots from 4096 bytes, each aligned to 4096, the
 // payload right after the last one; 2068480 bytes for a 512-bit key), LUKS2
 // gets cryptsetup's (two 16 KiB header copies, keyslots area, payload at
 // 16 MiB). Unused keyslot space is filled with random data. If w also
@@ -118,17 +118,18 @@ func Create(w io.WriterAt, opts CreateOptions) (*Header, []byte, error) {
 	}
 	var key []byte
 	if opts.Key != nil {
-		key = append([]byte(nil), opts.Key...)
+		key = keyBuf(len(opts.Key))
+		copy(key, opts.Key)
 	} else {
 		var err error
-		if key, err = randomBytes(opts.KeySize); err != nil {
+		if key, err = randomKey(opts.KeySize); err != nil {
 			return nil, nil, err
 		}
 	}
 	spec := blockcrypto.Spec{Cipher: opts.Cipher, Mode: opts.Mode}
 	c, err := blockcrypto.New(spec, key)
 	if err != nil {
-		clear(key)
+		freeKey(key)
 		return nil, nil, fmt.Errorf("%w: cipher %s-%s with a %d-bit key: %v", ErrUnsupported, opts.Cipher, opts.Mode, 8*opts.KeySize, err)
 	}
 	c.Wipe()
@@ -143,7 +144,7 @@ func Create(w io.WriterAt, opts CreateOptions) (*Header, []byte, error) {
 		err = fmt.Errorf("%w: luks version %d", ErrInvalidArgument, opts.Version)
 	}
 	if err != nil {
-		clear(key)
+		freeKey(key)
 		return nil, nil, err
 	}
 	h.r = r

@@ -63,10 +63,14 @@
 // the one in memory (ErrConcurrentUpdate). When it implements Sync() error
 // (*os.File does), it is synced between steps whose order matters.
 //
-// Derived keys, split key material and decrypted keyslot areas are cleared
-// before functions return; volume keys handed to the caller are theirs to
-// Wipe. Passphrases are never copied into immutable strings (the PBKDF2
-// here is written for that); argon2's working memory, inside
+// Derived keys, split key material, decrypted keyslot areas, AF
+// accumulators, PBKDF2 scratch and volume keys live in internal/keymem
+// memory (outside the Go heap, locked in RAM, not in core dumps) and are
+// wiped and unmapped before functions return; volume keys handed to the
+// caller are key memory too, theirs to release with Wipe, which also takes
+// the passphrase copies secrets.Store hands out. Passphrases are never
+// copied into immutable strings (the PBKDF2 here is written for that);
+// argon2's output is moved to key memory, but its working memory, inside
 // golang.org/x/crypto/argon2, is left to the garbage collector. No error
 // message contains a passphrase or key.
 package luksfmt

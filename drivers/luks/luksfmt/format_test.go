@@ -247,7 +247,7 @@ func TestKeyslotLifecycle(t *testing.T) {
 		{"luks2 argon2id", 2, fastKDF(KDFArgon2id)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			dev, h, key := create(t, CreateOptions{Version: tc.version, KDF: tc.kdf})
+			dev, h, key := create(t, CreateOptions{Version: tc.version, KDF: tc.kdf, KeyslotsSize: smallKeyslots(tc.version)})
 			if n, err := h.AddKey(dev, key, AnySlot, passB, tc.kdf); err != nil || n != 1 {
 				t.Fatalf("AddKey B: %d %v", n, err)
 			}
@@ -400,7 +400,7 @@ func TestInterruptedUpdates(t *testing.T) {
 		}, [][]byte{passA}},
 	}
 	for _, v := range []int{1, 2} {
-		base, h0, key := create(t, CreateOptions{Version: v, KDF: fastKDF(KDFPBKDF2)})
+		base, h0, key := create(t, CreateOptions{Version: v, KDF: fastKDF(KDFPBKDF2), KeyslotsSize: smallKeyslots(v)})
 		if _, err := h0.AddKey(base, key, 1, passB, fastKDF(KDFPBKDF2)); err != nil {
 			t.Fatal(err)
 		}
@@ -466,7 +466,7 @@ func getLUKS2JSON(dev *memDev, off int64) string {
 }
 
 func TestLUKS2CopyDamage(t *testing.T) {
-	base, h0, key := create(t, CreateOptions{Version: 2})
+	base, h0, key := create(t, CreateOptions{Version: 2, KeyslotsSize: smallKeyslots(2)})
 	older := base.snapshot()
 	if _, err := h0.AddKey(base, key, AnySlot, passB, fastKDF(KDFArgon2id)); err != nil {
 		t.Fatal(err)
@@ -542,7 +542,7 @@ func TestLUKS2CopyDamage(t *testing.T) {
 // the same device refuses to write (before touching any keyslot area).
 func TestConcurrentUpdateDetected(t *testing.T) {
 	for _, v := range []int{1, 2} {
-		dev, _, key := create(t, CreateOptions{Version: v, KDF: fastKDF(KDFPBKDF2)})
+		dev, _, key := create(t, CreateOptions{Version: v, KDF: fastKDF(KDFPBKDF2), KeyslotsSize: smallKeyslots(v)})
 		h1, h2, h3 := reopen(t, dev), reopen(t, dev), reopen(t, dev)
 		if _, err := h1.AddKey(dev, key, AnySlot, passB, fastKDF(KDFPBKDF2)); err != nil {
 			t.Fatal(err)
@@ -560,7 +560,7 @@ func TestConcurrentUpdateDetected(t *testing.T) {
 }
 
 func TestUnlockConcurrent(t *testing.T) {
-	dev, h, key := create(t, CreateOptions{Version: 2, KDF: fastKDF(KDFPBKDF2)})
+	dev, h, key := create(t, CreateOptions{Version: 2, KDF: fastKDF(KDFPBKDF2), KeyslotsSize: smallKeyslots(2)})
 	if _, err := h.AddKey(dev, key, AnySlot, passB, fastKDF(KDFPBKDF2)); err != nil {
 		t.Fatal(err)
 	}
@@ -591,7 +591,7 @@ func TestUnlockConcurrent(t *testing.T) {
 }
 
 func TestLUKS2Priority(t *testing.T) {
-	dev, h, key := create(t, CreateOptions{Version: 2, KDF: fastKDF(KDFPBKDF2)})
+	dev, h, key := create(t, CreateOptions{Version: 2, KDF: fastKDF(KDFPBKDF2), KeyslotsSize: smallKeyslots(2)})
 	if _, err := h.AddKey(dev, key, 3, passA, fastKDF(KDFPBKDF2)); err != nil {
 		t.Fatal(err)
 	}

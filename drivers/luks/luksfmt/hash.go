@@ -31,30 +31,40 @@ func lookupHash(name string) (func() hash.Hash, error) {
 	return nil, fmt.Errorf("%w: hash %q", ErrUnsupported, name)
 }
 
-// pbkdf2Key is PBKDF2 (RFC 8018) with HMAC over newHash. Unlike
-// golang.org/x/crypto/pbkdf2, which copies the password into an immutable
-// string, it keeps every password-derived buffer in byte slices and clears
-// them (and resets the hash states) before returning, so only the returned
-// key holds secret material. HMAC's inner and outer states are precomputed
-// once and restored per iteration, two compressions per iteration like
-// crypto/hmac. iter and keyLen must be positive.
+// pbkdf2Key is PBKDF2 (RFC 8018) with HMAC over newHash, returned in a heap
+// slice: for digests, whose output is public. Keys derived from secrets use
+// pbkdf2Into with a key-memory destination.
 func pbkdf2Key(newHash func() hash.Hash, password, salt []byte, iter, keyLen int) []byte {
+	out := make([]byte, keyLen)
+	pbkdf2Into(out, newHash, password, salt, iter)
+	return out
+}
+
+// pbkdf2Into writes PBKDF2 (RFC 8018) with HMAC over newHash into dst
+// (len(dst) bytes of output). Unlike golang.org/x/crypto/pbkdf2, which
+// copies the password into an immutable string, it keeps every
+// password-derived buffer in key memory (keyBuf) and wipes it (and resets
+// the hash states) before returning, so only dst holds secret material.
+// HMAC's inner and outer states are precomputed once and restored per
+// iteration, two compressions per iteration like crypto/hmac. iter and
+// len(dst) must be positive.
+func pbkdf2Into(dst []byte, newHash func() hash.Hash, password, salt []byte, iter int) {
 	inner, outer := newHash(), newHash()
 	bs, hs := inner.BlockSize(), inner.Size()
 
-	pad := make([]byte, bs)
-	defer clear(pad)
+	// One key-memory buffer for the scratch: HMAC pad and key, U and T.
+	scratch := keyBuf(2*bs + 2*hs)
+	defer freeKey(scratch)
+	pad, key := scratch[:bs:bs], scratch[bs:2*bs:2*bs]
+	u, t := scratch[2*bs:2*bs+hs:2*bs+hs], scratch[2*bs+hs:]
 	if len(password) > bs {
 		inner.Write(password)
-		k := inner.Sum(nil)
-		copy(pad, k)
-		clear(k)
+		inner.Sum(pad[:0])
 		inner.Reset()
 	} else {
 		copy(pad, password)
 	}
-	key := append([]byte(nil), pad...) // zero-padded HMAC key
-	defer clear(key)
+	copy(key, pad) // zero-padded HMAC key
 
 	for i := range pad {
 		pad[i] = key[i] ^ 0x36
@@ -110,13 +120,8 @@ func pbkdf2Key(newHash func() hash.Hash, password, salt []byte, iter, keyLen int
 		outer.Sum(dst[:0])
 	}
 
-	out := make([]byte, 0, (keyLen+hs-1)/hs*hs)
-	u := make([]byte, hs)
-	t := make([]byte, hs)
-	defer clear(u)
-	defer clear(t)
 	var ctr [4]byte
-	for block := uint32(1); len(out) < keyLen; block++ {
+	for block, done := uint32(1), 0; done < len(dst); block++ {
 		binary.BigEndian.PutUint32(ctr[:], block)
 		prf(u, salt, ctr[:])
 		copy(t, u)
@@ -126,8 +131,6 @@ func pbkdf2Key(newHash func() hash.Hash, password, salt []byte, iter, keyLen int
 				t[i] ^= u[i]
 			}
 		}
-		out = append(out, t...)
+		done += copy(dst[done:], t)
 	}
-	clear(out[keyLen:cap(out)])
-	return out[:keyLen:keyLen]
 }

@@ -272,7 +272,8 @@ func (h *Header) VerifyKey(key []byte) error {
 // Unlock derives the volume key from a passphrase. slot is a keyslot id or
 // AnySlot; with AnySlot, keyslots are tried one after the other (LUKS2:
 // "prefer" priority first, "ignore" priority skipped). It returns the key
-// and the keyslot that opened; the caller owns the key and should Wipe it.
+// and the keyslot that opened; the key is in key memory (internal/keymem),
+// and the caller owns it and must release it with Wipe.
 // A passphrase that opens no keyslot gives ErrWrongPassphrase; a requested
 // keyslot that is empty gives ErrSlotInactive.
 func (h *Header) Unlock(passphrase []byte, slot int) ([]byte, int, error) {
@@ -338,7 +339,7 @@ func (h *Header) MatchSlots(passphrase []byte) ([]int, error) {
 		key, _, err := h.Unlock(passphrase, id)
 		switch {
 		case err == nil:
-			clear(key)
+			freeKey(key)
 			out = append(out, id)
 		case errors.Is(err, ErrWrongPassphrase), errors.Is(err, ErrSlotInactive):
 		default:
@@ -453,7 +454,7 @@ func (h *Header) RemoveKey(w io.WriterAt, passphrase []byte) (int, error) {
 	if err != nil {
 		return -1, err
 	}
-	clear(key)
+	freeKey(key)
 	return slot, h.KillSlot(w, slot)
 }
 
@@ -468,7 +469,7 @@ func (h *Header) ChangeKey(w io.WriterAt, oldPass, newPass []byte, kdf KDF) (int
 	if err != nil {
 		return -1, err
 	}
-	defer clear(key)
+	defer freeKey(key)
 	if h.version == 2 {
 		h.mu.Lock()
 		defer h.mu.Unlock()

@@ -11,9 +11,10 @@ import (
 // into things Open must refuse with a clear error and without large
 // allocations or long computations.
 func TestHostileLUKS2JSON(t *testing.T) {
-	// 64 KiB metadata leaves room for large edits.
-	base, _, _ := create(t, CreateOptions{Version: 2, KDF: fastKDF(KDFArgon2id), MetadataSize: 65536})
-	pbBase, _, _ := create(t, CreateOptions{Version: 2, KDF: fastKDF(KDFPBKDF2)})
+	// 64 KiB metadata leaves room for large edits; a 1 MiB keyslots area
+	// keeps the device small (each case copies it).
+	base, _, _ := create(t, CreateOptions{Version: 2, KDF: fastKDF(KDFArgon2id), MetadataSize: 65536, KeyslotsSize: 1 << 20})
+	pbBase, _, _ := create(t, CreateOptions{Version: 2, KDF: fastKDF(KDFPBKDF2), KeyslotsSize: smallKeyslots(2)})
 	tests := []struct {
 		name   string
 		pbkdf2 bool // start from the pbkdf2 header
@@ -38,8 +39,8 @@ func TestHostileLUKS2JSON(t *testing.T) {
 		{"area too small", false, repl(`"size":"258048"`, `"size":"4096"`), ErrCorrupt, "smaller"},
 		{"area in the header", false, repl(`"offset":"131072"`, `"offset":"65536"`), ErrCorrupt, "outside"},
 		{"json_size mismatch", false, repl(`"json_size":"61440"`, `"json_size":"4190208"`), ErrCorrupt, "json_size"},
-		{"keyslots_size huge", false, repl(`"keyslots_size":"16646144"`, `"keyslots_size":"999999995904"`), ErrCorrupt, "keyslots_size"},
-		{"keyslots_size unaligned", false, repl(`"keyslots_size":"16646144"`, `"keyslots_size":"16744447"`), ErrCorrupt, "keyslots_size"},
+		{"keyslots_size huge", false, repl(`"keyslots_size":"1048576"`, `"keyslots_size":"999999995904"`), ErrCorrupt, "keyslots_size"},
+		{"keyslots_size unaligned", false, repl(`"keyslots_size":"1048576"`, `"keyslots_size":"1052671"`), ErrCorrupt, "keyslots_size"},
 		{"segment inside header", false, repl(`"offset":"16777216"`, `"offset":"4096"`), ErrCorrupt, "inside"},
 		{"segment sector size", false, repl(`"sector_size":512`, `"sector_size":1000`), ErrCorrupt, "sector size"},
 		{"segment size zero", false, repl(`"size":"dynamic"`, `"size":"0"`), ErrCorrupt, "size"},
@@ -102,7 +103,7 @@ func repl(old, new string) func(string) string {
 }
 
 func TestHostileLUKS2Binary(t *testing.T) {
-	base, _, _ := create(t, CreateOptions{Version: 2})
+	base, _, _ := create(t, CreateOptions{Version: 2, KeyslotsSize: smallKeyslots(2)})
 	tests := []struct {
 		name string
 		edit func(d *memDev)

@@ -128,23 +128,33 @@ func (p *kdfParams) check() error {
 	return nil
 }
 
-// derive runs the KDF. The caller wipes the result.
+// derive runs the KDF. The result is key memory; the caller releases it
+// with freeKey.
 func (p *kdfParams) derive(passphrase []byte, keyLen int) ([]byte, error) {
 	if err := p.check(); err != nil {
 		return nil, err
 	}
+	var heap []byte
 	switch p.typ {
 	case KDFPBKDF2:
 		h, err := lookupHash(p.hash)
 		if err != nil {
 			return nil, err
 		}
-		return pbkdf2Key(h, passphrase, p.salt, int(p.iterations), keyLen), nil
+		out := keyBuf(keyLen)
+		pbkdf2Into(out, h, passphrase, p.salt, int(p.iterations))
+		return out, nil
 	case KDFArgon2i:
-		return argon2.Key(passphrase, p.salt, p.iterations, p.memoryKiB, uint8(p.parallel), uint32(keyLen)), nil
+		heap = argon2.Key(passphrase, p.salt, p.iterations, p.memoryKiB, uint8(p.parallel), uint32(keyLen))
 	default: // KDFArgon2id, checked above
-		return argon2.IDKey(passphrase, p.salt, p.iterations, p.memoryKiB, uint8(p.parallel), uint32(keyLen)), nil
+		heap = argon2.IDKey(passphrase, p.salt, p.iterations, p.memoryKiB, uint8(p.parallel), uint32(keyLen))
 	}
+	// x/crypto/argon2 returns its own slice (and keeps its work memory on
+	// the heap); move the output to key memory.
+	out := keyBuf(keyLen)
+	copy(out, heap)
+	clear(heap)
+	return out, nil
 }
 
 // newKDFParams resolves options into parameters for a new keyslot with a
@@ -303,7 +313,7 @@ func argon2Params(typ string, par, maxMem uint32, keyLen int, target time.Durati
 		p := kdfParams{typ: typ, iterations: t, memoryKiB: m, parallel: par, salt: make([]byte, saltSize)}
 		start := time.Now()
 		k, _ := p.derive([]byte("foobarfo"), keyLen)
-		clear(k)
+		freeKey(k)
 		return max(time.Since(start), time.Millisecond)
 	}
 	t, m := uint32(minArgon2Time), minMem

@@ -239,19 +239,19 @@ func (h *luks1Header) openSlot(r io.ReaderAt, i int, pass []byte) ([]byte, error
 	if err != nil {
 		return nil, err
 	}
-	defer clear(derived)
-	area := make([]byte, h.slotSectors()*sectorSize)
-	defer clear(area)
+	defer freeKey(derived)
+	area := keyBuf(int(h.slotSectors() * sectorSize))
+	defer freeKey(area)
 	if err := readFull(r, area, int64(s.offset)*sectorSize); err != nil {
 		return nil, fmt.Errorf("reading keyslot %d: %w", i, err)
 	}
 	if err := cryptArea(h.spec(), derived, area, false); err != nil {
 		return nil, err
 	}
-	key := make([]byte, h.keyBytes)
+	key := keyBuf(int(h.keyBytes))
 	afMerge(hf, area, key, stripes)
 	if err := h.verifyKey(key); err != nil {
-		clear(key)
+		freeKey(key)
 		if errors.Is(err, ErrWrongKey) {
 			return nil, errMismatch
 		}
@@ -291,9 +291,9 @@ func (h *luks1Header) storeSlot(w io.WriterAt, i int, key, pass []byte, kdf *kdf
 	if err != nil {
 		return s, err
 	}
-	defer clear(derived)
-	area := make([]byte, h.slotSectors()*sectorSize)
-	defer clear(area)
+	defer freeKey(derived)
+	area := keyBuf(int(h.slotSectors() * sectorSize))
+	defer freeKey(area)
 	if err := afSplit(hf, key, area, stripes); err != nil {
 		return s, err
 	}

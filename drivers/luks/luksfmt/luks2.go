@@ -207,19 +207,19 @@ func (h *luks2Header) openSlot(r io.ReaderAt, s *luks2Keyslot, pass []byte) ([]b
 	if err != nil {
 		return nil, withContext(err, fmt.Sprintf("keyslot %d", s.id))
 	}
-	defer clear(derived)
-	area := make([]byte, afSectors(s.keySize, stripes)*sectorSize)
-	defer clear(area)
+	defer freeKey(derived)
+	area := keyBuf(afSectors(s.keySize, stripes) * sectorSize)
+	defer freeKey(area)
 	if err := readFull(r, area, int64(s.areaOffset)); err != nil {
 		return nil, fmt.Errorf("reading keyslot %d: %w", s.id, err)
 	}
 	if err := cryptArea(spec, derived, area, false); err != nil {
 		return nil, err
 	}
-	key := make([]byte, s.keySize)
+	key := keyBuf(s.keySize)
 	afMerge(hf, area, key, stripes)
 	if err := verifyDigest(h.meta.digs[s.digest], key); err != nil {
-		clear(key)
+		freeKey(key)
 		if errors.Is(err, ErrWrongKey) {
 			return nil, errMismatch
 		}
@@ -258,9 +258,9 @@ func (h *luks2Header) storeArea(w io.WriterAt, key, pass []byte, kdf *kdfParams,
 	if err != nil {
 		return err
 	}
-	defer clear(derived)
-	area := make([]byte, afSectors(len(key), stripes)*sectorSize)
-	defer clear(area)
+	defer freeKey(derived)
+	area := keyBuf(afSectors(len(key), stripes) * sectorSize)
+	defer freeKey(area)
 	if err := afSplit(hf, key, area, stripes); err != nil {
 		return err
 	}

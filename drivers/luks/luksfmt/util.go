@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"strings"
+
+	"blockd/internal/keymem"
 )
 
 // saltSize is the size of every LUKS salt (keyslots and digests).
@@ -14,9 +16,46 @@ const saltSize = 32
 // sectorSize is the unit of LUKS1 offsets and of keyslot area encryption.
 const sectorSize = 512
 
-// Wipe overwrites b with zeroes. Use it on volume keys returned by this
-// package once they have been handed to a cipher.
-func Wipe(b []byte) { clear(b) }
+// Key memory. Every buffer that holds key material on the way from a
+// passphrase to a volume key and back (KDF output, keyslot areas before
+// encryption and after decryption, AF accumulators, PBKDF2 scratch, volume
+// keys) comes from internal/keymem: outside the Go heap, locked in RAM,
+// left out of core dumps, wiped and unmapped when freed. allocKey and
+// freeKey are variables so that tests can watch every allocation.
+var (
+	allocKey = keymem.Alloc
+	freeKey  = keymem.Free
+)
+
+// keyBuf returns n zeroed bytes of key memory, to be released with
+// freeKey. When no mapping can be made (the process is out of address
+// space or mappings) it falls back to the heap, which freeKey then only
+// wipes.
+func keyBuf(n int) []byte {
+	b, err := allocKey(n)
+	if err != nil {
+		return make([]byte, n)
+	}
+	return b
+}
+
+// Wipe releases key material: slices this package returned (volume keys)
+// and passphrase copies from secrets.Store are key memory, which is wiped
+// and unmapped; any other slice is overwritten with zeroes. Use it on every
+// volume key returned by this package once it has been handed to a cipher,
+// and on every passphrase copy once it has been used. b must not be used
+// afterwards.
+func Wipe(b []byte) { freeKey(b) }
+
+// randomKey returns n random bytes in key memory.
+func randomKey(n int) ([]byte, error) {
+	b := keyBuf(n)
+	if _, err := rand.Read(b); err != nil {
+		freeKey(b)
+		return nil, fmt.Errorf("reading random bytes: %w", err)
+	}
+	return b, nil
+}
 
 func randomBytes(n int) ([]byte, error) {
 	b := make([]byte, n)
