@@ -341,6 +341,7 @@ func (n *Node) BlockStatus(_ context.Context, off, length int64) ([]graph.Extent
 		off += l
 	}
 	const hole = graph.ExtentHole | graph.ExtentZero
+	busy := 0 // lookups that lost a race with a concurrent punch
 	for off < end && len(out) < maxExtents {
 		if e, ok := n.data.lookup(off); ok {
 			add(min(n.dataLen(off, e), end-off), 0)
@@ -351,6 +352,10 @@ func (n *Node) BlockStatus(_ context.Context, off, length int64) ([]graph.Extent
 		switch {
 		case err == unix.ENXIO:
 			add(end-off, hole)
+		case err == unix.EBUSY && busy < 3:
+			// off became a hole between the two seeks: look again rather
+			// than calling the rest of the range data.
+			busy++
 		case err != nil:
 			add(end-off, 0)
 		case data == off:
