@@ -182,8 +182,9 @@ func (g *Graph) open(ctx context.Context, o *Opts, parentRO bool) (*BDS, error) 
 	name := o.NodeName
 	auto := false
 	if _, given := o.Tree["node-name"]; !given {
-		name = fmt.Sprintf("#block%d%02d", g.autoID, rand.IntN(100))
-		g.autoID++
+		// Named when placed (Opener.place), as QEMU names a node only
+		// once its file child is open.
+		name = ""
 		auto = true
 	} else {
 		if err := checkNodeName(name); err != nil {
@@ -204,15 +205,20 @@ func (g *Graph) open(ctx context.Context, o *Opts, parentRO bool) (*BDS, error) 
 	op := &Opener{g: g, b: b}
 	// Register the name before opening so that children opened inline see
 	// it taken; roll back on failure.
-	g.byName[name] = b
+	if !auto {
+		g.byName[name] = b
+	}
 	n, err := o.Driver.Open(ctx, op, o.Extra)
 	if err != nil {
-		delete(g.byName, name)
+		if b.name != "" {
+			delete(g.byName, b.name)
+		}
 		for _, c := range b.children {
 			g.detach(c)
 		}
 		return nil, err
 	}
+	op.place()
 	b.node = n
 	if l, ok := n.(Limiter); ok {
 		b.limits = l.Limits()
@@ -220,10 +226,30 @@ func (g *Graph) open(ctx context.Context, o *Opts, parentRO bool) (*BDS, error) 
 	if b.limits.Align < 1 {
 		b.limits.Align = 1
 	}
-	g.nodes = append(g.nodes, b)
+	g.insertNode(b, op)
 	// Apply the permissions the node's children took during Open now that
 	// the node exists (they were checked when attached).
 	return b, nil
+}
+
+// insertNode adds a newly opened node to the node list at the place its
+// Opener fixed (the end if none).
+func (g *Graph) insertNode(b *BDS, op *Opener) {
+	at := len(g.nodes)
+	if op.placed {
+		if op.after == nil {
+			at = 0
+		}
+		for i, x := range g.nodes {
+			if op.after != nil && x == op.after {
+				at = i + 1
+				break
+			}
+		}
+	}
+	g.nodes = append(g.nodes, nil)
+	copy(g.nodes[at+1:], g.nodes[at:])
+	g.nodes[at] = b
 }
 
 // Del implements blockdev-del.
@@ -236,6 +262,12 @@ func (g *Graph) Del(name string) error {
 	}
 	if b.users > 0 {
 		return fmt.Errorf("Node %s is in use", name)
+	}
+	for _, c := range b.parents {
+		// QEMU's backing op blocker.
+		if c.role&RoleCOW != 0 {
+			return fmt.Errorf("Node '%s' is busy: node is used as backing hd of '%s'", name, c.parent.name)
+		}
 	}
 	if !b.monitorOwned {
 		return fmt.Errorf("Node %s is not owned by the monitor", name)
@@ -364,10 +396,52 @@ func (b *BDS) Children() []*Child {
 type Opener struct {
 	g *Graph
 	b *BDS
+	// placed: the node's place in the graph's node list is fixed, right
+	// after after (nil: at the start). QEMU names a node once its "file"
+	// child is open and before the driver opens any other child, and its
+	// queries list nodes by naming order; blockd follows that order.
+	placed bool
+	after  *BDS
 }
 
-// NodeName returns the name of the node being opened.
-func (o *Opener) NodeName() string { return o.b.name }
+// place fixes the node's place in the node list at the current end.
+func (o *Opener) place() {
+	if o.placed {
+		return
+	}
+	o.placed = true
+	if n := len(o.g.nodes); n > 0 {
+		o.after = o.g.nodes[n-1]
+	}
+	if o.b.auto {
+		o.b.name = o.g.autoName()
+		o.g.byName[o.b.name] = o.b
+	}
+}
+
+// autoName returns the next automatic node name, "#block" with QEMU's
+// counter and two random digits.
+func (g *Graph) autoName() string {
+	name := fmt.Sprintf("#block%d%02d", g.autoID, rand.IntN(100))
+	g.autoID++
+	return name
+}
+
+// SkipAutoNames consumes n automatic node names: QEMU names the temporary
+// nodes some operations open (qcow2's blockdev-create opens the new image
+// twice), and later automatic names count on from there.
+func (g *Graph) SkipAutoNames(n int) {
+	g.mu.Lock()
+	g.autoID += uint64(n)
+	g.mu.Unlock()
+}
+
+// NodeName returns the name of the node being opened (an automatic name
+// is given now if the node has none yet).
+func (o *Opener) NodeName() string {
+	o.place()
+	return o.b.name
+}
 
 // Common returns the node's common options.
 func (o *Opener) Common() *Common { return &o.b.opts.Common }
@@ -458,6 +532,9 @@ func (o *Opener) Child(ctx context.Context, name string, ref *Ref, spec ChildSpe
 		return nil, nil
 	}
 	g := o.g
+	if name != "file" {
+		o.place()
+	}
 	var cb *BDS
 	if ref.Inline != nil {
 		nb, err := g.open(ctx, ref.Inline, o.b.readOnly)
@@ -479,6 +556,9 @@ func (o *Opener) Child(ctx context.Context, name string, ref *Ref, spec ChildSpe
 		return nil, err
 	}
 	o.b.children = append(o.b.children, c)
+	if name == "file" {
+		o.place()
+	}
 	return c, nil
 }
 

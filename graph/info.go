@@ -57,6 +57,32 @@ type StrongOptioner interface {
 	StrongOptions() qapi.Object
 }
 
+// ExplicitBackinger is implemented by format nodes with a backing child:
+// ok reports that the options named the backing node (a reference or an
+// inline tree) instead of leaving it to the image header, and header is the
+// backing file name the header holds. QEMU calls such a backing overridden
+// unless the node's filename is exactly the header's name
+// (bdrv_backing_overridden), and then describes the parent by a json:
+// filename that includes the backing node.
+type ExplicitBackinger interface {
+	ExplicitBacking() (header string, ok bool)
+}
+
+// backingOverridden reports whether the node's backing child differs from
+// what its image header alone would open.
+func (b *BDS) backingOverridden() bool {
+	bk := b.backing()
+	if bk == nil {
+		return false
+	}
+	eb, ok := b.node.(ExplicitBackinger)
+	if !ok {
+		return false
+	}
+	header, explicit := eb.ExplicitBacking()
+	return explicit && header != bk.Filename()
+}
+
 func (b *BDS) info() ImageInfo {
 	if in, ok := b.node.(Infoer); ok {
 		return in.Info()
@@ -91,14 +117,15 @@ func (b *BDS) exactFilename() string {
 	if so, ok := b.node.(StrongOptioner); ok && len(so.StrongOptions()) > 0 {
 		return ""
 	}
-	p := b.primary()
-	if p == nil {
+	if b.backingOverridden() {
 		return ""
 	}
-	for _, c := range b.children {
-		if c != p && c.role&RoleCOW == 0 {
-			return ""
-		}
+	// QEMU's bdrv_refresh_filename: a format node without strong options
+	// and with its header's backing is named by its protocol child's
+	// filename; other children (a data file) do not change that.
+	p := b.primary()
+	if p == nil || !p.node.opts.Driver.Protocol {
+		return ""
 	}
 	return p.node.exactFilename()
 }
@@ -110,8 +137,9 @@ func (b *BDS) fullOptions() qapi.Object {
 	if so, ok := b.node.(StrongOptioner); ok {
 		o = append(o, so.StrongOptions()...)
 	}
+	overridden := b.backingOverridden()
 	for _, c := range b.children {
-		if c.role&RoleCOW != 0 {
+		if c.role&RoleCOW != 0 && !overridden {
 			continue
 		}
 		o = append(o, qapi.Member{Name: c.name, Value: c.node.fullOptions()})
@@ -133,6 +161,27 @@ func (b *BDS) actualSize() *int64 {
 	if in.ActualSize >= 0 && (in.Filename != "" || b.opts.Driver.Protocol) {
 		v := in.ActualSize
 		return &v
+	}
+	if !b.opts.Driver.Protocol {
+		// QEMU's bdrv_sum_allocated_file_size: a format or filter node
+		// takes up what its data and metadata children do (a qcow2
+		// image's data file, a luks node's detached header).
+		var sum int64
+		n := 0
+		for _, c := range b.children {
+			if c.role&(RoleData|RoleMetadata|RoleFiltered) == 0 {
+				continue
+			}
+			v := c.node.actualSize()
+			if v == nil {
+				return nil
+			}
+			sum += *v
+			n++
+		}
+		if n > 0 {
+			return &sum
+		}
 	}
 	if p := b.primary(); p != nil {
 		return p.node.actualSize()
@@ -198,15 +247,11 @@ func (b *BDS) DeviceInfo(flat bool) BlockDeviceInfo {
 		Cache:        BlockdevCacheInfo{Writeback: true, Direct: b.opts.Direct(), NoFlush: b.opts.NoFlush()},
 	}
 	if bk := b.backing(); bk != nil {
-		di.BackingFile = in.BackingFilename
-		if di.BackingFile == "" {
-			di.BackingFile = bk.Filename()
-		}
-		if !flat {
-			for x := bk; x != nil; x = x.backing() {
-				di.BackingFileDepth++
-			}
-		}
+		// QEMU: the backing node's filename, whatever the header says.
+		di.BackingFile = bk.Filename()
+	}
+	for x := di.Image.BackingImage; x != nil; x = x.BackingImage {
+		di.BackingFileDepth++
 	}
 	return di
 }

@@ -91,12 +91,13 @@ const bufSize = 1 << 20
 
 func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 	opts := v.(*Options)
-	n := &node{g: o.Graph(), name: o.NodeName(), readOnly: o.ReadOnly()}
+	n := &node{g: o.Graph(), readOnly: o.ReadOnly()}
 	fileRole := graph.RoleData | graph.RoleMetadata | graph.RolePrimary
 	if opts.Header != nil {
 		fileRole = graph.RoleData | graph.RolePrimary
 	}
 	file, err := o.Child(ctx, "file", &opts.File, graph.ChildSpec{Role: fileRole})
+	n.name = o.NodeName()
 	if err != nil {
 		return nil, err
 	}

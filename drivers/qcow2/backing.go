@@ -147,6 +147,8 @@ func (n *node) openBacking(ctx context.Context, o *graph.Opener, opts *Options, 
 			return err
 		}
 		n.backing = c
+		n.explicitBacking = true
+		n.headerBacking = h.BackingFile
 		return nil
 	}
 	if h.BackingFile == "" {
@@ -208,3 +210,7 @@ func (n *node) openBacking(ctx context.Context, o *graph.Opener, opts *Options, 
 	n.fmtName = format
 	return nil
 }
+
+// ExplicitBacking reports whether the options named the backing node and
+// the backing file name in the header (graph.ExplicitBackinger).
+func (n *node) ExplicitBacking() (string, bool) { return n.headerBacking, n.explicitBacking }

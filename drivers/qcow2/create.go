@@ -270,7 +270,10 @@ func Create(ctx context.Context, cc *graph.CreateContext, o *CreateOptions) erro
 	if err := file.WriteAt(ctx, tables, int64(cs), 0); err != nil {
 		return fmt.Errorf("Could not write refcount table: %w", err)
 	}
-	// Open it and make it consistent, then grow it.
+	// Open it and make it consistent, then grow it. QEMU opens a
+	// temporary node here and another at the end, each taking an
+	// automatic node name; later names count on from there.
+	cc.Graph().SkipAutoNames(1)
 	h, err = qcow2fmt.ParseWith(childIO{ctx, file}, file.Size(), qcow2fmt.ParseOptions{})
 	if err != nil {
 		return err
@@ -319,6 +322,7 @@ func Create(ctx context.Context, cc *graph.CreateContext, o *CreateOptions) erro
 			return err
 		}
 	}
+	cc.Graph().SkipAutoNames(1)
 	return m.close(ctx)
 }
 

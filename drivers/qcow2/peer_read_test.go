@@ -119,7 +119,7 @@ func TestReadBackingChain(t *testing.T) {
 		t.Fatalf("backing nodes: %s", joined)
 	}
 	info := g.Lookup("top").DeviceInfo(false)
-	if info.BackingFileDepth != 3 || info.BackingFile != "l2.qcow2" {
+	if info.BackingFileDepth != 3 || info.BackingFile != filepath.Join(dir, "l2.qcow2") {
 		t.Fatalf("backing_file %q depth %d", info.BackingFile, info.BackingFileDepth)
 	}
 	if info.Image.BackingImage == nil || info.Image.BackingImage.BackingImage == nil {

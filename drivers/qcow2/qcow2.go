@@ -222,10 +222,14 @@ func cacheSizes(o *Options, g qcow2fmt.Geometry, virtualSize int64) (l2, rc int,
 type node struct {
 	*image
 	keySecret string
-	noBacking bool   // backing: null for an image with a backing file
-	fmtName   string // backing-filename-format
-	backName  string // full backing filename
-	dataName  string
+	noBacking bool // backing: null for an image with a backing file
+	// explicitBacking: the backing child was named in the options, not
+	// taken from headerBacking, the header's backing file name.
+	explicitBacking bool
+	headerBacking   string
+	fmtName         string // backing-filename-format
+	backName        string // full backing filename
+	dataName        string
 }
 
 func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"blockd/internal/blockcrypto"
+	"blockd/internal/testutil"
 )
 
 // Cross-checks of the LUKS1 layout and keyslots with QEMU 7.2 (qemu-img,
@@ -17,6 +18,9 @@ func qemuTool(t testing.TB, tool string, args ...string) string {
 	t.Helper()
 	p := requireTool(t, tool)
 	out, err := exec.Command(p, args...).CombinedOutput()
+	for try := 0; err != nil && try < 5 && testutil.PeerFlake(string(out)); try++ {
+		out, err = exec.Command(p, args...).CombinedOutput()
+	}
 	if err != nil {
 		t.Fatalf("%s %s: %v\n%s", tool, strings.Join(args, " "), err, out)
 	}
