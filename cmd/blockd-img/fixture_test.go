@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/binary"
 	"os"
 	"path/filepath"
 	"sync"
@@ -34,6 +35,9 @@ const (
 //	l2.img   LUKS2 (cryptsetup), 16 MiB payload (blockd-img only)
 //	q.qcow2  src.img converted to qcow2 by qemu-img
 //	base.qcow2, top.qcow2  a backing chain with data in both layers
+//	leak.qcow2  q.qcow2 with its first L1 entry cleared: every cluster
+//	         under it leaks
+//	dirty.qcow2  lazy refcounts, killed after writes: refcounts too low
 //	pw, pw2  passphrases
 func fixture(t *testing.T) string {
 	t.Helper()
@@ -108,4 +112,11 @@ func buildFixture(ft *fixtureT, dir string) {
 	mustRun(t, dir, "qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", "-c", "write -P 2 8M 1M", "base.qcow2")
 	mustRun(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2")
 	mustRun(t, dir, "qemu-io", "-f", "qcow2", "-c", "write -P 3 512k 1M", "-c", "write -z 8M 64k", "top.qcow2")
+	mustRun(t, dir, "cp", "q.qcow2", "leak.qcow2")
+	hdr, err := os.ReadFile(filepath.Join(dir, "leak.qcow2"))
+	must(err)
+	writeAt(t, filepath.Join(dir, "leak.qcow2"), int64(binary.BigEndian.Uint64(hdr[40:48])), make([]byte, 8))
+	mustRun(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", "dirty.qcow2", "16M")
+	// qemu-io's abort ends the process without writing refcounts back.
+	_ = runIn(t, dir, "qemu-io", "-f", "qcow2", "-c", "write -P 4 0 1M", "-c", "write -P 5 4M 64k", "-c", "abort", "dirty.qcow2")
 }

@@ -136,7 +136,7 @@ func newImage(ctx context.Context, h *qcow2fmt.Header, p imageParams) (*image, e
 		}
 	}
 	if h.IncompatibleFeatures&qcow2fmt.IncompatDirty != 0 && !p.noRepair {
-		if err := m.repairLocked(ctx); err != nil {
+		if err := m.repairLocked(ctx, false); err != nil {
 			return nil, fmt.Errorf("Could not repair dirty image: %w", err)
 		}
 	}

@@ -18,8 +18,9 @@ func (m *image) adjust(c, delta int64) {
 // repairLocked makes the stored refcounts match the references the
 // metadata implies (after a crash with lazy refcounts, or any leak), fixes
 // the COPIED flags of the active tables and clears the dirty bit. It
-// refuses images whose tables are damaged. metaMu is held.
-func (m *image) repairLocked(ctx context.Context) error {
+// refuses images whose tables are damaged. With leaksOnly it only lowers
+// refcounts that are too high (check -r leaks). metaMu is held.
+func (m *image) repairLocked(ctx context.Context, leaksOnly bool) error {
 	refs, err := qcow2fmt.References(childIO{ctx, m.file}, m.h, m.file.Size())
 	if err != nil {
 		return err
@@ -50,9 +51,22 @@ func (m *image) repairLocked(ctx context.Context) error {
 				continue
 			}
 		}
+		if leaksOnly {
+			cur, err := m.refcount(ctx, c)
+			if err != nil {
+				return err
+			}
+			if cur <= want(c) {
+				continue
+			}
+		}
 		if err := m.setRefcount(ctx, c, want(c)); err != nil {
 			return err
 		}
+	}
+	if leaksOnly {
+		_, err := m.flushRefblocks(ctx)
+		return err
 	}
 	if err := m.fixCopiedLocked(ctx); err != nil {
 		return err

@@ -176,6 +176,9 @@ type measureFunc func(e *env, opts *qemuOpts, in *image, size int64) (*BlockMeas
 
 // formatMeasurer returns the measure function of a format, or nil.
 func formatMeasurer(format string) measureFunc {
+	if format == "qcow2" {
+		return qcow2Measure
+	}
 	return nil
 }
 
@@ -220,6 +223,8 @@ func fillByName(src reflect.Value, dst any) {
 			}
 		case sv.Kind() == reflect.String && df.Kind() == reflect.String:
 			df.SetString(sv.String())
+		case sv.Type() == reflect.TypeOf([]string(nil)) && df.Type() == sv.Type():
+			df.Set(sv)
 		case df.Type() == reflect.TypeOf((*int64)(nil)) && sv.Kind() == reflect.Pointer && !sv.IsNil() && isIntKind(sv.Elem().Kind()):
 			v := sv.Elem().Int()
 			df.Set(reflect.ValueOf(&v))

@@ -2,6 +2,7 @@ package blockdimg
 
 import (
 	"context"
+	"fmt"
 
 	"blockd/internal/qapi"
 )
@@ -28,6 +29,9 @@ type CheckResult struct {
 	CheckErrors, Corruptions, Leaks                                          int64
 	ImageEndOffset                                                           int64
 	TotalClusters, AllocatedClusters, FragmentedClusters, CompressedClusters int64
+	// Messages name the problems found, printed on stderr as qemu-img
+	// does.
+	Messages []string
 }
 
 // Fix modes of check -r.
@@ -112,6 +116,9 @@ func cmdCheck(e *env, args []string) error {
 		return &exitError{code: 63, msg: "This image format does not support checks"}
 	}
 	res, cerr := check(e.ctx, fix)
+	for _, m := range res.Messages {
+		fmt.Fprintln(e.stderr, m)
+	}
 	ic := imageCheck(filename, im.format, res)
 	if cerr == nil && (res.CorruptionsFixed != 0 || res.LeaksFixed != 0) {
 		if !json {

@@ -218,8 +218,14 @@ type CheckResult struct {
 	Leaks       int
 	// Messages describe the first problems found.
 	Messages []string
-	// ImageEnd is the end of the last cluster in use.
+	// ImageEnd is the end of the last cluster that is referenced or has
+	// a refcount (QEMU's image end offset).
 	ImageEnd int64
+	// Guest clusters of the active tables that are allocated (data,
+	// allocated zero, compressed), of those the compressed ones, and the
+	// fragmented ones: compressed, or not following the previous cluster
+	// of the same L2 table on the host (QEMU's BlockFragInfo).
+	Allocated, Compressed, Fragmented int64
 }
 
 // OK reports a clean image.
@@ -261,7 +267,7 @@ func Check(rd io.ReaderAt, fileSize int64) (*CheckResult, error) {
 			res.Leaks++
 			msg("Leaked cluster %d refcount=%d reference=%d", i, got, want)
 		}
-		if want > 0 {
+		if want > 0 || got > 0 {
 			res.ImageEnd = (i + 1) << refs.g.ClusterBits
 		}
 	}
@@ -282,12 +288,23 @@ func Check(rd io.ReaderAt, fileSize int64) (*CheckResult, error) {
 			if readAt(rd, l2, off) != nil {
 				continue
 			}
+			var next int64
 			for j := int64(0); j < g.L2Entries; j++ {
 				le, _ := g.L2Entry(l2, j)
 				t := g.ClusterType(le)
+				if t == ClusterCompressed {
+					res.Allocated++
+					res.Compressed++
+					res.Fragmented++
+				}
 				if t != ClusterNormal && t != ClusterZeroAlloc {
 					continue
 				}
+				res.Allocated++
+				if host := HostOffset(le); next != 0 && host != next {
+					res.Fragmented++
+				}
+				next = HostOffset(le) + g.ClusterSize
 				if g.DataFile {
 					continue
 				}
