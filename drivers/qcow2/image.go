@@ -52,7 +52,7 @@ type image struct {
 	stripes [nStripes]sync.RWMutex
 
 	// metaMu protects h, reftable, rc, freeHint, pendingFree,
-	// dirtyMarked and every change of refcounts, the L1 table, the header
+	// dirtyMarked, packOff and every change of refcounts, the L1 table, the header
 	// and the file size; writeback runs under it.
 	metaMu      sync.Mutex
 	h           *qcow2fmt.Header
@@ -61,6 +61,7 @@ type image struct {
 	freeHint    int64
 	pendingFree []freeReq
 	dirtyMarked bool
+	packOff     int64 // where the next compressed cluster may go (0: a new cluster)
 	snapshots   []qcow2fmt.Snapshot
 	reserved    func(cluster int64) bool // repair: clusters not to allocate
 	repairAdj   map[int64]int64          // repair: references added by metadata it creates

@@ -135,6 +135,10 @@ func (m *image) addRefcount(ctx context.Context, c int64, delta int64) error {
 	if nv == 0 && c < m.freeHint {
 		m.freeHint = c
 	}
+	if nv == 0 && m.packOff != 0 && m.packOff>>m.g.ClusterBits == c {
+		// The cluster compressed data was packed into is free now.
+		m.packOff = 0
+	}
 	return nil
 }
 

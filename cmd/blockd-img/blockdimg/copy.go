@@ -260,7 +260,9 @@ func (j *convertJob) salvageRead(ctx context.Context, src *image, p []byte, off 
 func (j *convertJob) write(ctx context.Context, c chunk, p []byte) error {
 	dst := j.dst.blk
 	if j.compress != nil {
-		if allZero(p) {
+		// A zero chunk is not read (p holds stale bytes) and may be
+		// longer than p.
+		if c.zero || allZero(p) {
 			return j.writeZero(ctx, c.off, c.n)
 		}
 		j.throttle(c.n)
