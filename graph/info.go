@@ -23,6 +23,7 @@ type ImageInfoQAPI struct {
 	BackingFilename       string         `json:"backing-filename,omitempty"`
 	FullBackingFilename   string         `json:"full-backing-filename,omitempty"`
 	BackingFilenameFormat string         `json:"backing-filename-format,omitempty"`
+	Snapshots             []SnapshotInfo `json:"snapshots,omitempty"`
 	BackingImage          *ImageInfoQAPI `json:"backing-image,omitempty"`
 	FormatSpecific        any            `json:"format-specific,omitempty"`
 }
@@ -217,6 +218,7 @@ func (b *BDS) ImageInfo(chain bool) *ImageInfoQAPI {
 		BackingFilename:       in.BackingFilename,
 		FullBackingFilename:   in.FullBackingFilename,
 		BackingFilenameFormat: in.BackingFilenameFormat,
+		Snapshots:             in.Snapshots,
 		FormatSpecific:        in.FormatSpecific,
 	}
 	if chain {

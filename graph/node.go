@@ -130,8 +130,22 @@ type ImageInfo struct {
 	BackingFilename       string
 	FullBackingFilename   string
 	BackingFilenameFormat string
+	// Snapshots are the image's internal snapshots (nil: none).
+	Snapshots []SnapshotInfo
 	// FormatSpecific is {type, data} as QEMU reports it, or nil.
 	FormatSpecific any
+}
+
+// SnapshotInfo is QEMU's SnapshotInfo: one internal snapshot.
+type SnapshotInfo struct {
+	ID          string `json:"id"`
+	Name        string `json:"name"`
+	VMStateSize int64  `json:"vm-state-size"`
+	DateSec     int64  `json:"date-sec"`
+	DateNsec    int64  `json:"date-nsec"`
+	VMClockSec  int64  `json:"vm-clock-sec"`
+	VMClockNsec int64  `json:"vm-clock-nsec"`
+	Icount      *int64 `json:"icount,omitempty"`
 }
 
 // Infoer is implemented by nodes with more to say in queries.

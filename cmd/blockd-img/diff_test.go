@@ -248,6 +248,23 @@ var diffCases = []diffCase{
 		gap: "blockd repairs a dirty image with lazy refcounts when it opens it writable, so check -r finds nothing left to repair"},
 	{name: "qcow2-measure", args: args("measure", "-O", "qcow2", "src.img"), out: "text"},
 	{name: "qcow2-snapshot-list", args: args("snapshot", "-l", "q.qcow2"), out: "text"},
+	{name: "qcow2-snapshot-list-some", args: args("snapshot", "-l", "snap.qcow2"), out: "text"},
+	{name: "qcow2-snapshot-info", args: args("info", "snap.qcow2"), out: "text"},
+	{name: "qcow2-snapshot-info-json", args: args("info", "--output=json", "snap.qcow2"), out: "json"},
+	{name: "qcow2-snapshot-create", args: args("snapshot", "-c", "new", "snap.qcow2"), out: "text", mutates: true, stderr: true,
+		check: snapshotCheck("snap.qcow2", "s1", "s2", "new")},
+	{name: "qcow2-snapshot-create-fresh", args: args("snapshot", "-c", "new", "q.qcow2"), out: "text", mutates: true, stderr: true,
+		check: snapshotCheck("q.qcow2", "new")},
+	{name: "qcow2-snapshot-apply", args: args("snapshot", "-a", "s1", "snap.qcow2"), out: "text", mutates: true, stderr: true,
+		check: snapshotCheck("snap.qcow2", "s1", "s2")},
+	{name: "qcow2-snapshot-apply-id", args: args("snapshot", "-a", "2", "snap.qcow2"), out: "text", mutates: true, stderr: true,
+		check: snapshotCheck("snap.qcow2", "s1", "s2")},
+	{name: "qcow2-snapshot-apply-missing", args: args("snapshot", "-a", "nosuch", "snap.qcow2"), out: "text", mutates: true, stderr: true},
+	{name: "qcow2-snapshot-delete", args: args("snapshot", "-d", "s1", "snap.qcow2"), out: "text", mutates: true, stderr: true,
+		check: snapshotCheck("snap.qcow2", "s2")},
+	{name: "qcow2-snapshot-delete-both", args: args("snapshot", "-d", "s2", "snap.qcow2"), out: "text", mutates: true, stderr: true,
+		after: args("snapshot", "-d", "s1", "snap.qcow2"), afterOut: "text", check: snapshotCheck("snap.qcow2")},
+	{name: "qcow2-snapshot-delete-missing", args: args("snapshot", "-d", "nosuch", "snap.qcow2"), out: "text", mutates: true, stderr: true},
 	{name: "qcow2-to-raw", args: args("convert", "-O", "raw", "q.qcow2", "out.img"), mutates: true, check: sameAs("src.img", "out.img"),
 		after: args("map", "--output=json", "-f", "raw", "out.img"), afterOut: "text"},
 	{name: "qcow2-chain-to-raw", args: args("convert", "-O", "raw", "top.qcow2", "out.img"), mutates: true,
@@ -534,4 +551,32 @@ func sizeOf(t *testing.T, path string) int64 {
 		t.Fatal(err)
 	}
 	return fi.Size()
+}
+
+// snapshotCheck checks an image both tools changed: qemu-img finds
+// blockd-img's copy clean, with the same contents as qemu-img's and the
+// snapshots named (in order), each with the same contents in both.
+func snapshotCheck(img string, names ...string) func(t *testing.T, qdir, bdir string) {
+	return func(t *testing.T, qdir, bdir string) {
+		t.Helper()
+		q, b := filepath.Join(qdir, img), filepath.Join(bdir, img)
+		mustRun(t, bdir, "qemu-img", "check", b)
+		mustRun(t, bdir, "qemu-img", "compare", q, b)
+		list := mustRun(t, bdir, "qemu-img", "snapshot", "-l", b)
+		var got []string
+		for _, l := range strings.Split(list, "\n") {
+			if f := strings.Fields(l); len(f) > 2 && f[0] != "ID" && f[0] != "Snapshot" {
+				got = append(got, f[1])
+			}
+		}
+		if strings.Join(got, ",") != strings.Join(names, ",") {
+			t.Fatalf("snapshots %v, want %v\n%s", got, names, list)
+		}
+		for _, n := range names {
+			qs, bs := filepath.Join(qdir, "sq.raw"), filepath.Join(bdir, "sb.raw")
+			mustRun(t, bdir, "qemu-img", "convert", "-l", "snapshot.name="+n, "-O", "raw", q, qs)
+			mustRun(t, bdir, "qemu-img", "convert", "-l", "snapshot.name="+n, "-O", "raw", b, bs)
+			mustRun(t, bdir, "qemu-img", "compare", "-f", "raw", "-F", "raw", qs, bs)
+		}
+	}
 }

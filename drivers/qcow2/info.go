@@ -79,6 +79,7 @@ func ptr[T any](v T) *T { return &v }
 func (n *node) Info() graph.ImageInfo {
 	n.metaMu.Lock()
 	h := n.h.Clone()
+	snaps := n.snapshotInfosLocked()
 	n.metaMu.Unlock()
 	dirty := h.IncompatibleFeatures&qcow2fmt.IncompatDirty != 0
 	fs := FormatSpecific{RefcountBits: h.RefcountBits(), CompressionType: "zlib"}
@@ -124,6 +125,7 @@ func (n *node) Info() graph.ImageInfo {
 		BackingFilename:       h.BackingFile,
 		FullBackingFilename:   n.backName,
 		BackingFilenameFormat: h.BackingFormat,
+		Snapshots:             snaps,
 		FormatSpecific:        ImageInfoSpecific{Type: "qcow2", Data: fs},
 	}
 }

@@ -92,6 +92,10 @@ func TestQueryMatchesQSD(t *testing.T) {
 	}
 	encrypted := filepath.Join(dir, "e.qcow2")
 	qemuEncrypted(t, encrypted)
+	snaps := mk("s.qcow2")
+	qemuImg(t, "snapshot", "-c", "first", snaps)
+	qemuIO(t, "-c", "write 0 64k", snaps)
+	qemuImg(t, "snapshot", "-c", "second", snaps)
 	cases := []struct {
 		name, path, extra string
 		objects           []string
@@ -101,6 +105,7 @@ func TestQueryMatchesQSD(t *testing.T) {
 		{"features", mk("f.qcow2", "-o", "extended_l2=on,lazy_refcounts=on,refcount_bits=64,compression_type=zstd,cluster_size=128k"), ``, nil},
 		{"datafile", mk("d.qcow2", "-o", "data_file="+filepath.Join(dir, "d.raw")+",data_file_raw=on"), ``, nil},
 		{"backing-null", mk("b.qcow2", "-b", filepath.Join(dir, "v3.qcow2"), "-F", "qcow2"), `,"backing":null`, nil},
+		{"snapshots", snaps, ``, nil},
 		{"encrypted", encrypted, `,"encrypt":{"format":"luks","key-secret":"s0"}`, []string{sec}},
 	}
 	for _, c := range cases {

@@ -88,7 +88,7 @@ func cmdSnapshot(e *env, args []string) error {
 			return failf("Could not apply snapshot '%s': Block driver does not support snapshots", name)
 		}
 		if err := ops.apply(name); err != nil {
-			return failf("Could not apply snapshot '%s': %v", name, err)
+			return failf("Could not apply snapshot '%s': Failed to load snapshot: %s", name, errno(err))
 		}
 	case 'd':
 		found := false
@@ -104,7 +104,7 @@ func cmdSnapshot(e *env, args []string) error {
 			return failf("Could not delete snapshot '%s': snapshot not found", name)
 		}
 		if err := ops.delete(name); err != nil {
-			return failf("Could not delete snapshot '%s': %v", name, err)
+			return failf("Could not delete snapshot '%s': %s", name, errno(err))
 		}
 	}
 	return nil

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"os"
 	"path/filepath"
+	"reflect"
 	"testing"
 )
 
@@ -172,6 +173,22 @@ func FuzzSnapshots(f *testing.F) {
 		snaps, size, err := Snapshots(memImage(img), h)
 		if err == nil && (len(snaps) != int(n) || size > int64(len(table))) {
 			t.Fatalf("%d snapshots of %d bytes from a %d-byte table", len(snaps), size, len(table))
+		}
+		if err != nil {
+			return
+		}
+		// What parses, MarshalSnapshots writes back to the same entries.
+		again := append(img[:off:off], MarshalSnapshots(snaps)...)
+		back, _, err := Snapshots(memImage(again), h)
+		if err != nil {
+			t.Fatalf("re-reading a written table: %v", err)
+		}
+		for i := range snaps {
+			a, b := snaps[i], back[i]
+			a.ExtraData, b.ExtraData = nil, nil
+			if !reflect.DeepEqual(a, b) {
+				t.Fatalf("snapshot %d: wrote %+v, read %+v", i, a, b)
+			}
 		}
 	})
 }

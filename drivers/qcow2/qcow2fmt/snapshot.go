@@ -18,7 +18,45 @@ type Snapshot struct {
 	VMClockNsec   uint64
 	VMStateSize   uint64
 	DiskSize      uint64 // from extra data, or the image size
+	Icount        int64  // from extra data, or -1
 	ExtraData     []byte // all extra data, as stored
+}
+
+// snapshotExtraLen is the extra data QEMU writes: the 64-bit VM state
+// size, the disk size and the instruction count.
+const snapshotExtraLen = 24
+
+// MarshalSnapshots encodes a snapshot table (qcow2_write_snapshots): the
+// known extra data is rewritten from the fields, extra data this code
+// does not know is kept.
+func MarshalSnapshots(snaps []Snapshot) []byte {
+	var out []byte
+	be := binary.BigEndian
+	for _, s := range snaps {
+		extra := make([]byte, max(len(s.ExtraData), snapshotExtraLen))
+		copy(extra, s.ExtraData)
+		be.PutUint64(extra[0:], s.VMStateSize)
+		be.PutUint64(extra[8:], s.DiskSize)
+		be.PutUint64(extra[16:], uint64(s.Icount))
+		var b [SnapshotHeaderLen]byte
+		be.PutUint64(b[0:], s.L1TableOffset)
+		be.PutUint32(b[8:], s.L1Size)
+		be.PutUint16(b[12:], uint16(len(s.ID)))
+		be.PutUint16(b[14:], uint16(len(s.Name)))
+		be.PutUint32(b[16:], s.DateSec)
+		be.PutUint32(b[20:], s.DateNsec)
+		be.PutUint64(b[24:], s.VMClockNsec)
+		be.PutUint32(b[32:], uint32(s.VMStateSize))
+		be.PutUint32(b[36:], uint32(len(extra)))
+		out = append(out, b[:]...)
+		out = append(out, extra...)
+		out = append(out, s.ID...)
+		out = append(out, s.Name...)
+		for len(out)%8 != 0 {
+			out = append(out, 0)
+		}
+	}
+	return out
 }
 
 // Snapshots reads the snapshot table. It returns the entries and the
@@ -47,6 +85,7 @@ func Snapshots(r io.ReaderAt, h *Header) ([]Snapshot, int64, error) {
 			VMClockNsec:   be.Uint64(b[24:]),
 			VMStateSize:   uint64(be.Uint32(b[32:])),
 			DiskSize:      h.Size,
+			Icount:        -1,
 		}
 		idLen := int64(be.Uint16(b[12:]))
 		nameLen := int64(be.Uint16(b[14:]))
@@ -65,6 +104,9 @@ func Snapshots(r io.ReaderAt, h *Header) ([]Snapshot, int64, error) {
 		}
 		if extra >= 8 {
 			s.VMStateSize = be.Uint64(rest[0:8])
+		}
+		if extra >= 24 {
+			s.Icount = int64(be.Uint64(rest[16:24]))
 		}
 		s.ID = string(rest[extra : extra+idLen])
 		s.Name = string(rest[extra+idLen:])
