@@ -264,6 +264,16 @@ var diffCases = []diffCase{
 		check: snapshotCheck("snap.qcow2", "s2")},
 	{name: "qcow2-snapshot-delete-both", args: args("snapshot", "-d", "s2", "snap.qcow2"), out: "text", mutates: true, stderr: true,
 		after: args("snapshot", "-d", "s1", "snap.qcow2"), afterOut: "text", check: snapshotCheck("snap.qcow2")},
+	{name: "qcow2-snapshot-convert", args: args("convert", "-l", "s1", "-O", "raw", "snap.qcow2", "out.img"), mutates: true, check: sameOutput("out.img")},
+	{name: "qcow2-snapshot-convert-id", args: args("convert", "-l", "snapshot.id=2", "-O", "raw", "snap.qcow2", "out.img"), mutates: true, check: sameOutput("out.img")},
+	{name: "qcow2-snapshot-convert-both", args: args("convert", "-l", "snapshot.id=2,snapshot.name=s2", "-O", "qcow2", "snap.qcow2", "out.qcow2"), mutates: true,
+		after: args("map", "--output=json", "out.qcow2"), afterOut: "text"},
+	{name: "qcow2-snapshot-convert-mismatch", args: args("convert", "-l", "snapshot.id=1,snapshot.name=s2", "-O", "raw", "snap.qcow2", "out.img"), mutates: true, stderr: true},
+	{name: "qcow2-snapshot-convert-missing", args: args("convert", "-l", "nosuch", "-O", "raw", "snap.qcow2", "out.img"), mutates: true, stderr: true},
+	{name: "qcow2-snapshot-convert-bad-param", args: args("convert", "-l", "snapshot.foo=1", "-O", "raw", "snap.qcow2", "out.img"), mutates: true, stderr: true},
+	{name: "qcow2-snapshot-convert-two", args: args("convert", "-l", "s1", "-O", "raw", "snap.qcow2", "snap.qcow2", "out.img"), mutates: true, stderr: true},
+	{name: "qcow2-snapshot-convert-raw", args: args("convert", "-l", "x", "-O", "raw", "r.img", "out.img"), mutates: true, stderr: true},
+	{name: "qcow2-snapshot-measure", args: args("measure", "-l", "s1", "-O", "qcow2", "snap.qcow2"), out: "text"},
 	{name: "qcow2-snapshot-delete-missing", args: args("snapshot", "-d", "nosuch", "snap.qcow2"), out: "text", mutates: true, stderr: true},
 	{name: "qcow2-to-raw", args: args("convert", "-O", "raw", "q.qcow2", "out.img"), mutates: true, check: sameAs("src.img", "out.img"),
 		after: args("map", "--output=json", "-f", "raw", "out.img"), afterOut: "text"},
@@ -577,6 +587,17 @@ func snapshotCheck(img string, names ...string) func(t *testing.T, qdir, bdir st
 			mustRun(t, bdir, "qemu-img", "convert", "-l", "snapshot.name="+n, "-O", "raw", q, qs)
 			mustRun(t, bdir, "qemu-img", "convert", "-l", "snapshot.name="+n, "-O", "raw", b, bs)
 			mustRun(t, bdir, "qemu-img", "compare", "-f", "raw", "-F", "raw", qs, bs)
+		}
+	}
+}
+
+// sameOutput checks that both tools wrote the same file.
+func sameOutput(out string) func(t *testing.T, qdir, bdir string) {
+	return func(t *testing.T, qdir, bdir string) {
+		qb, _ := os.ReadFile(filepath.Join(qdir, out))
+		bb, _ := os.ReadFile(filepath.Join(bdir, out))
+		if len(qb) == 0 || !bytes.Equal(qb, bb) {
+			t.Errorf("%s differs between the tools (%d and %d bytes)", out, len(qb), len(bb))
 		}
 	}
 }

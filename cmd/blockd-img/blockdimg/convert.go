@@ -27,7 +27,7 @@ type convertArgs struct {
 	salvage      bool
 	backing      string
 	backingFmt   string
-	snapshot     string
+	snapshot     snapshotSpec
 	bitmaps      bool
 	skipBroken   bool
 }
@@ -66,7 +66,9 @@ func cmdConvert(e *env, args []string) error {
 				return err
 			}
 		case 'l':
-			a.snapshot = p.arg
+			if a.snapshot, err = parseSnapshotSpec(p.arg); err != nil {
+				return err
+			}
 		case 'S':
 			v, err := cvtnum("buffer size for sparse output", p.arg, 0, math.MaxInt64)
 			if err != nil {
@@ -190,8 +192,13 @@ func (e *env) convert(a *convertArgs, srcNames []string, out string) error {
 		srcs = append(srcs, im)
 		total += (im.size() + 511) &^ 511
 	}
-	if a.snapshot != "" {
-		return failf("Failed to load snapshot: internal snapshots are not supported by %s", Prog)
+	if a.snapshot.set {
+		if !a.snapshot.opts && len(srcs) > 1 {
+			return failf("No support for concatenating multiple snapshot")
+		}
+		if err := a.snapshot.load(e, srcs[0]); err != nil {
+			return err
+		}
 	}
 	if a.bitmaps {
 		return failf("Copying bitmaps is not supported by %s", Prog)

@@ -26,7 +26,8 @@ func cmdMeasure(e *env, args []string) error {
 		return err
 	}
 	var o openOpts
-	outFmt, options, snapshot := "raw", "", ""
+	outFmt, options := "raw", ""
+	var snapshot snapshotSpec
 	json := false
 	size := int64(-1)
 	for _, p := range opts {
@@ -42,7 +43,9 @@ func cmdMeasure(e *env, args []string) error {
 				return err
 			}
 		case 'l':
-			snapshot = p.arg
+			if snapshot, err = parseSnapshotSpec(p.arg); err != nil {
+				return err
+			}
 		case 'U':
 			o.forceShare = true
 		case optObject:
@@ -73,7 +76,7 @@ func cmdMeasure(e *env, args []string) error {
 	case len(rest) == 1:
 		filename = rest[0]
 	}
-	if filename == "" && (o.imageOpts || o.fmt != "" || snapshot != "") {
+	if filename == "" && (o.imageOpts || o.fmt != "" || snapshot.set) {
 		return failf("--image-opts, -f, and -l require a filename argument.")
 	}
 	if filename != "" && size >= 0 {
@@ -89,8 +92,10 @@ func cmdMeasure(e *env, args []string) error {
 			return err
 		}
 		defer in.close()
-		if snapshot != "" {
-			return failf("Failed to load snapshot: snapshots are not supported by %s", Prog)
+		if snapshot.set {
+			if err := snapshot.load(e, in); err != nil {
+				return err
+			}
 		}
 	}
 	cOpts, err := e.formatOpts(outFmt)

@@ -1,7 +1,11 @@
 package blockdimg
 
 import (
+	"context"
+	"errors"
 	"fmt"
+	"strings"
+	"syscall"
 	"time"
 )
 
@@ -106,6 +110,67 @@ func cmdSnapshot(e *env, args []string) error {
 		if err := ops.delete(name); err != nil {
 			return failf("Could not delete snapshot '%s': %s", name, errno(err))
 		}
+	}
+	return nil
+}
+
+// snapshotSpec is the argument of -l (convert, measure): options
+// snapshot.id= and snapshot.name=, or a plain ID or name.
+type snapshotSpec struct {
+	set      bool
+	opts     bool
+	id, name string
+	idOrName string
+}
+
+// parseSnapshotSpec parses -l as qemu-img does.
+func parseSnapshotSpec(arg string) (snapshotSpec, error) {
+	if !strings.HasPrefix(arg, "snapshot.") {
+		return snapshotSpec{set: true, idOrName: arg}, nil
+	}
+	o := newOpts([]optDesc{{name: "snapshot.id", typ: optString}, {name: "snapshot.name", typ: optString}})
+	if err := o.parse(arg); err != nil {
+		return snapshotSpec{}, failf("%v\n%s: Failed in parsing snapshot param '%s'", err, Prog, arg)
+	}
+	sp := snapshotSpec{set: true, opts: true}
+	sp.id, _ = o.get("snapshot.id")
+	sp.name, _ = o.get("snapshot.name")
+	return sp, nil
+}
+
+// snapshotLoader is a read-only image that can show a snapshot instead of
+// its current contents (bdrv_snapshot_load_tmp).
+type snapshotLoader interface {
+	LoadSnapshot(ctx context.Context, id, name string) error
+}
+
+// load switches a read-only image to the snapshot sp names.
+func (sp snapshotSpec) load(e *env, im *image) error {
+	var l snapshotLoader
+	if im.bds != nil {
+		l, _ = im.bds.Node().(snapshotLoader)
+	}
+	if l == nil {
+		return failf("Failed to load snapshot: Block format '%s' used by device '' does not support temporarily loading internal snapshots", im.format)
+	}
+	var err error
+	switch {
+	case sp.opts && sp.id == "" && sp.name == "":
+		err = errors.New("snapshot_id and name are both NULL")
+	case sp.opts:
+		err = l.LoadSnapshot(e.ctx, sp.id, sp.name)
+	default:
+		// By ID first, then by name.
+		if err = l.LoadSnapshot(e.ctx, sp.idOrName, ""); errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.EINVAL) {
+			err = l.LoadSnapshot(e.ctx, "", sp.idOrName)
+		}
+	}
+	if err != nil {
+		msg := err.Error()
+		if i := strings.LastIndex(msg, ": "); i >= 0 && errors.Unwrap(err) != nil {
+			msg = msg[:i]
+		}
+		return failf("Failed to load snapshot: %s", msg)
 	}
 	return nil
 }
