@@ -38,6 +38,7 @@ const (
 //	leak.qcow2  q.qcow2 with its first L1 entry cleared: every cluster
 //	         under it leaks
 //	dirty.qcow2  lazy refcounts, killed after writes: refcounts too low
+//	v2.qcow2  compat=0.10, data at 0
 //	snap.qcow2  snapshots "s1" (data 1 at 0) and "s2" (data 2 at 0 and 3
 //	         at 2M), then data 4 at 1M
 //	pw, pw2  passphrases
@@ -120,6 +121,8 @@ func buildFixture(ft *fixtureT, dir string) {
 	writeAt(t, filepath.Join(dir, "leak.qcow2"), int64(binary.BigEndian.Uint64(hdr[40:48])), make([]byte, 8))
 	mustRun(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", "dirty.qcow2", "16M")
 	// qemu-io's abort ends the process without writing refcounts back.
+	mustRun(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "8M")
+	mustRun(t, dir, "qemu-io", "-f", "qcow2", "-c", "write -P 7 0 256k", "v2.qcow2")
 	mustRun(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "snap.qcow2", "8M")
 	mustRun(t, dir, "qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", "snap.qcow2")
 	mustRun(t, dir, "qemu-img", "snapshot", "-c", "s1", "snap.qcow2")

@@ -1,8 +1,11 @@
 package blockdimg
 
 import (
+	"context"
 	"fmt"
+	"strings"
 
+	"blockd/drivers/qcow2"
 	"blockd/graph"
 	"blockd/internal/qapi"
 )
@@ -69,6 +72,9 @@ func cmdAmend(e *env, args []string) error {
 	}
 	drv := im.bds.Driver()
 	list := amendOptsFor(format)
+	if ia, ok := im.bds.Node().(qcow2Amender); ok && list != nil {
+		return amendQcow2(e, im, ia, list, options, progress, force)
+	}
 	amender, ok := im.bds.Node().(graph.Amender)
 	if drv.AmendOptions == nil || list == nil || !ok {
 		return failf("Format driver '%s' does not support option amendment", format)
@@ -116,5 +122,76 @@ func (e *env) printAmendHelp(format string) error {
 	}
 	fmt.Fprintf(e.stdout, "Amend options for '%s':\n", format)
 	newOpts(list).printHelp(e.stdout)
+	return nil
+}
+
+// qcow2Amender is a qcow2 node: qemu-img amend changes its header options
+// (qcow2_amend_options), which QMP's x-blockdev-amend cannot.
+type qcow2Amender interface {
+	AmendImage(ctx context.Context, a *qcow2.ImageAmend, force bool) error
+}
+
+// amendQcow2 is qemu-img amend for qcow2 images.
+func amendQcow2(e *env, im *image, ia qcow2Amender, list []optDesc, options string, progress, force bool) error {
+	aOpts := newOpts(list)
+	if err := aOpts.parse(options); err != nil {
+		if cOpts, cerr := e.formatOpts("qcow2"); cerr == nil && cOpts.parse(options) == nil {
+			return failf("%v\nThis option is only supported for image creation", err)
+		}
+		return failf("%v", err)
+	}
+	var a qcow2.ImageAmend
+	// In the order of the option list, as QEMU checks them.
+	for _, d := range list {
+		v, ok := aOpts.vals[d.name]
+		if !ok {
+			continue
+		}
+		switch {
+		case d.name == "compat":
+			switch v.str {
+			case "0.10", "v2":
+				a.Version = 2
+			case "1.1", "v3":
+				a.Version = 3
+			default:
+				return failf("Unknown compatibility level %s", v.str)
+			}
+		case d.name == "size":
+			a.Size = int64(v.num)
+		case d.name == "backing_file":
+			a.BackingFile = &v.str
+		case d.name == "backing_fmt":
+			a.BackingFormat = &v.str
+		case strings.HasPrefix(d.name, "encrypt."):
+			if !im.bds.ImageInfo(false).Encrypted {
+				return failf("Can't amend encryption options - encryption not present")
+			}
+			return failf("Amending the encryption of a qcow2 image is not supported by %s", Prog)
+		case d.name == "lazy_refcounts":
+			a.LazyRefcounts = &v.b
+		case d.name == "refcount_bits":
+			a.RefcountBits = int(v.num)
+			if v.num == 0 || v.num > 64 || v.num&(v.num-1) != 0 {
+				return failf("Refcount width must be a power of two and may not exceed 64 bits")
+			}
+		case d.name == "data_file":
+			a.DataFile = &v.str
+		case d.name == "data_file_raw":
+			a.DataFileRaw = &v.b
+		}
+	}
+	bar := newProgress(e, progress, 100, "amend")
+	err := ia.AmendImage(e.ctx, &a, force)
+	if err == nil {
+		bar.set(100)
+	}
+	bar.finish()
+	if err != nil {
+		return failf("%v", err)
+	}
+	if err := im.blk.Flush(e.ctx); err != nil {
+		return failf("%s", errno(err))
+	}
 	return nil
 }
