@@ -383,6 +383,14 @@ var diffCases = []diffCase{
 		after: args("check", "q.qcow2"), afterOut: "text"},
 	{name: "qcow2-amend-data-file", args: args("amend", "-o", "data_file=x", "q.qcow2"), mutates: true, stderr: true,
 		after: args("check", "q.qcow2"), afterOut: "text"},
+	{name: "qcow2-amend-encrypt-add", args: args("amend", "--object", objPW, "--object", objPW2, "-o", "encrypt.state=active,encrypt.new-secret=s1,encrypt.iter-time=10",
+		"--image-opts", "driver=qcow2,encrypt.key-secret=s0,file.filename=enc.qcow2"), mutates: true, stderr: true, check: encSlots(map[int]bool{0: true, 1: true})},
+	{name: "qcow2-amend-encrypt-slot", args: args("amend", "--object", objPW, "--object", objPW2, "-o", "encrypt.state=active,encrypt.new-secret=s1,encrypt.iter-time=10,encrypt.keyslot=4",
+		"--image-opts", "driver=qcow2,encrypt.key-secret=s0,file.filename=enc.qcow2"), mutates: true, stderr: true, check: encSlots(map[int]bool{0: true, 4: true})},
+	{name: "qcow2-amend-encrypt-erase-last", args: args("amend", "--object", objPW, "-o", "encrypt.state=inactive,encrypt.keyslot=0",
+		"--image-opts", "driver=qcow2,encrypt.key-secret=s0,file.filename=enc.qcow2"), mutates: true, stderr: true},
+	{name: "qcow2-amend-encrypt-erase-force", args: args("amend", "--force", "--object", objPW, "-o", "encrypt.state=inactive,encrypt.old-secret=s0",
+		"--image-opts", "driver=qcow2,encrypt.key-secret=s0,file.filename=enc.qcow2"), mutates: true, stderr: true, check: encSlots(map[int]bool{})},
 	{name: "qcow2-amend-encrypt", args: args("amend", "-o", "encrypt.new-secret=s0", "q.qcow2"), mutates: true, stderr: true,
 		after: args("check", "q.qcow2"), afterOut: "text"},
 	{name: "qcow2-amend-snapshots-v2", args: args("amend", "-o", "compat=0.10", "snap.qcow2"), mutates: true, stderr: true,
@@ -667,5 +675,30 @@ func checkedBoth(img string) func(t *testing.T, qdir, bdir string) {
 			t.Fatalf("qemu-img check of blockd-img's image: exit %d\n%s%s", r.code, r.stdout, r.stderr)
 		}
 		mustRun(t, bdir, "qemu-img", "compare", q, b)
+	}
+}
+
+// encSlots checks the keyslots of enc.qcow2 after both tools amended it:
+// which are active, and that the passphrases open them.
+func encSlots(want map[int]bool) func(t *testing.T, qdir, bdir string) {
+	return func(t *testing.T, qdir, bdir string) {
+		for _, d := range []string{qdir, bdir} {
+			out := mustRun(t, d, "qemu-img", "info", "--output=json", "enc.qcow2")
+			var v map[string]any
+			_ = json.Unmarshal([]byte(out), &v)
+			enc := v["format-specific"].(map[string]any)["data"].(map[string]any)["encrypt"].(map[string]any)
+			for i, s := range enc["slots"].([]any) {
+				if got := s.(map[string]any)["active"].(bool); got != want[i] {
+					t.Errorf("%s: slot %d active %v, want %v", d, i, got, want[i])
+				}
+			}
+			for slot := range want {
+				obj, id := objPW, "s0"
+				if slot != 0 {
+					obj, id = objPW2, "s1"
+				}
+				mustRun(t, d, "qemu-io", "--object", obj, "--image-opts", "driver=qcow2,encrypt.key-secret="+id+",file.filename=enc.qcow2", "-c", "read -P 9 0 128k")
+			}
+		}
 	}
 }

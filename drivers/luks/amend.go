@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"time"
 
 	"blockd/drivers/luks/luksfmt"
@@ -56,23 +57,47 @@ func (n *node) Amend(ctx context.Context, v any, force bool) error {
 	if n.readOnly {
 		return errors.New("Block node is read-only")
 	}
-	if o.State == "active" {
-		return n.addKeyslot(ctx, o, force)
+	k := &Keyslots{
+		Header: n.hdr, KeySecret: n.keySecret, Secret: n.secret,
+		Writer: func(ctx context.Context) (io.WriterAt, func(), error) {
+			w, release, err := n.metaWriter(ctx)
+			return w, release, err
+		},
 	}
-	return n.eraseKeyslots(ctx, o, force)
+	return k.Amend(ctx, o, force)
 }
 
-func (n *node) addKeyslot(ctx context.Context, o *AmendOptions, force bool) error {
+// Keyslots is a LUKS header whose keyslots can be amended: a luks node's,
+// or the one inside an encrypted qcow2 image.
+type Keyslots struct {
+	Header *luksfmt.Header
+	// KeySecret is the ID of the secret that opened the image, used to
+	// unlock the volume key unless the options name another.
+	KeySecret string
+	Secret    func(id string) ([]byte, error)
+	// Writer gives access to the header's storage while it changes.
+	Writer func(ctx context.Context) (io.WriterAt, func(), error)
+}
+
+// Amend adds or erases keyslots (QEMU's qcrypto_block_luks_amend_options).
+func (k *Keyslots) Amend(ctx context.Context, o *AmendOptions, force bool) error {
+	if o.State == "active" {
+		return k.addKeyslot(ctx, o, force)
+	}
+	return k.eraseKeyslots(ctx, o, force)
+}
+
+func (k *Keyslots) addKeyslot(ctx context.Context, o *AmendOptions, force bool) error {
 	if o.NewSecret == nil {
 		return errors.New("'new-secret' is required to activate a keyslot")
 	}
 	if o.OldSecret != nil {
 		return errors.New("'old-secret' must not be given when activating keyslots")
 	}
-	max := n.hdr.MaxSlots()
+	max := k.Header.MaxSlots()
 	slot := luksfmt.AnySlot
 	active := map[int]bool{}
-	for _, s := range n.hdr.ActiveSlots() {
+	for _, s := range k.Header.ActiveSlots() {
 		active[s] = true
 	}
 	if o.Keyslot != nil {
@@ -88,21 +113,21 @@ func (n *node) addKeyslot(ctx context.Context, o *AmendOptions, force bool) erro
 			return fmt.Errorf("Refusing to overwrite active keyslot %d - please erase it first", slot)
 		}
 	}
-	unlockID := n.keySecret
+	unlockID := k.KeySecret
 	if o.Secret != nil {
 		unlockID = *o.Secret
 	}
-	oldPass, err := n.secret(unlockID)
+	oldPass, err := k.Secret(unlockID)
 	if err != nil {
 		return err
 	}
-	key, _, err := n.hdr.Unlock(oldPass, luksfmt.AnySlot)
+	key, _, err := k.Header.Unlock(oldPass, luksfmt.AnySlot)
 	luksfmt.Wipe(oldPass)
 	if err != nil {
 		return err
 	}
 	defer luksfmt.Wipe(key)
-	newPass, err := n.secret(*o.NewSecret)
+	newPass, err := k.Secret(*o.NewSecret)
 	if err != nil {
 		return err
 	}
@@ -117,21 +142,21 @@ func (n *node) addKeyslot(ctx context.Context, o *AmendOptions, force bool) erro
 	if o.PBKDF != nil {
 		kdf.Type = string(*o.PBKDF)
 	}
-	w, release, err := n.metaWriter(ctx)
+	w, release, err := k.Writer(ctx)
 	if err != nil {
 		return err
 	}
 	defer release()
 	if slot != luksfmt.AnySlot && active[slot] {
-		if err := n.hdr.KillSlot(w, slot); err != nil {
+		if err := k.Header.KillSlot(w, slot); err != nil {
 			return err
 		}
 	}
-	_, err = n.hdr.AddKey(w, key, slot, newPass, kdf)
+	_, err = k.Header.AddKey(w, key, slot, newPass, kdf)
 	return err
 }
 
-func (n *node) eraseKeyslots(ctx context.Context, o *AmendOptions, force bool) error {
+func (k *Keyslots) eraseKeyslots(ctx context.Context, o *AmendOptions, force bool) error {
 	if o.NewSecret != nil {
 		return errors.New("'new-secret' must not be given when erasing keyslots")
 	}
@@ -143,14 +168,14 @@ func (n *node) eraseKeyslots(ctx context.Context, o *AmendOptions, force bool) e
 	}
 	var oldPass []byte
 	if o.OldSecret != nil {
-		p, err := n.secret(*o.OldSecret)
+		p, err := k.Secret(*o.OldSecret)
 		if err != nil {
 			return err
 		}
 		oldPass = p
 		defer luksfmt.Wipe(oldPass)
 	}
-	active := n.hdr.ActiveSlots()
+	active := k.Header.ActiveSlots()
 	isActive := func(s int) bool {
 		for _, a := range active {
 			if a == s {
@@ -162,13 +187,13 @@ func (n *node) eraseKeyslots(ctx context.Context, o *AmendOptions, force bool) e
 	var erase []int
 	switch {
 	case o.Keyslot != nil:
-		max := n.hdr.MaxSlots()
+		max := k.Header.MaxSlots()
 		slot := *o.Keyslot
 		if slot < 0 || slot >= int64(max) {
 			return fmt.Errorf("Invalid keyslot %d specified, must be between 0 and %d", slot, max-1)
 		}
 		if oldPass != nil {
-			key, _, err := n.hdr.Unlock(oldPass, int(slot))
+			key, _, err := k.Header.Unlock(oldPass, int(slot))
 			if err != nil {
 				if errors.Is(err, luksfmt.ErrWrongPassphrase) || errors.Is(err, luksfmt.ErrSlotInactive) {
 					return fmt.Errorf("Given keyslot %d doesn't contain the given old password for erase operation", slot)
@@ -187,7 +212,7 @@ func (n *node) eraseKeyslots(ctx context.Context, o *AmendOptions, force bool) e
 			erase = []int{int(slot)}
 		}
 	case oldPass != nil:
-		m, err := n.hdr.MatchSlots(oldPass)
+		m, err := k.Header.MatchSlots(oldPass)
 		if err != nil {
 			return err
 		}
@@ -204,13 +229,13 @@ func (n *node) eraseKeyslots(ctx context.Context, o *AmendOptions, force bool) e
 	if len(erase) == 0 {
 		return nil
 	}
-	w, release, err := n.metaWriter(ctx)
+	w, release, err := k.Writer(ctx)
 	if err != nil {
 		return err
 	}
 	defer release()
 	for _, s := range erase {
-		if err := n.hdr.KillSlot(w, s); err != nil {
+		if err := k.Header.KillSlot(w, s); err != nil {
 			return err
 		}
 	}

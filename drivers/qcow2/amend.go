@@ -1,9 +1,11 @@
 package qcow2
 
 import (
+	"blockd/drivers/luks"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/bits"
 
 	"blockd/drivers/qcow2/qcow2fmt"
@@ -362,4 +364,50 @@ func (m *image) changeRefcountOrderLocked(ctx context.Context, order uint32) err
 	}
 	m.ovMu.Unlock()
 	return nil
+}
+
+// AmendOptions is BlockdevAmendOptionsQcow2: x-blockdev-amend changes the
+// keyslots of an encrypted image's LUKS header.
+type AmendOptions struct {
+	Encrypt *EncryptAmend `json:"encrypt,omitempty"`
+}
+
+// EncryptAmend is QCryptoBlockAmendOptions (format luks).
+type EncryptAmend struct {
+	Format CryptoFormat `json:"format"`
+	luks.AmendOptions
+}
+
+// Amend implements graph.Amender (qcow2_co_amend).
+func (n *node) Amend(ctx context.Context, v any, force bool) error {
+	o := v.(*AmendOptions)
+	if o.Encrypt == nil {
+		return nil
+	}
+	if err := n.check(); err != nil {
+		return err
+	}
+	if n.ro {
+		return errors.New("Block node is read-only")
+	}
+	if n.luks == nil {
+		return errors.New("image is not encrypted, can't amend")
+	}
+	if o.Encrypt.Format != "luks" {
+		return fmt.Errorf("Amend can't be used to change the qcow2 encryption format")
+	}
+	n.amendMu.Lock()
+	defer n.amendMu.Unlock()
+	m := n.image
+	k := &luks.Keyslots{
+		Header: n.luks, KeySecret: n.keySecret, Secret: n.secrets,
+		Writer: func(ctx context.Context) (io.WriterAt, func(), error) {
+			m.metaMu.Lock()
+			h := m.h
+			m.metaMu.Unlock()
+			r := regionIO{ctx: ctx, c: m.file, off: int64(h.Crypto.Offset), n: int64(h.Crypto.Length)}
+			return r, func() { _ = m.file.Flush(ctx) }, nil
+		},
+	}
+	return k.Amend(ctx, &o.Encrypt.AmendOptions, force)
 }

@@ -7,6 +7,11 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"blockd/drivers/qcow2"
+	"blockd/graph"
+	"blockd/internal/qapi"
+	"blockd/internal/testutil"
 )
 
 const encOpt = `,"encrypt":{"format":"luks","key-secret":"sec0"}`
@@ -88,4 +93,53 @@ func TestEncryptedCreate(t *testing.T) {
 	a, _ := os.ReadFile(q)
 	b, _ := os.ReadFile(img)
 	equalOrFail(t, "header cluster", b[:0x200], a[:0x200])
+}
+
+// TestEncryptedAmendOnline changes the keyslots of an encrypted image
+// (x-blockdev-amend) while a workload runs on it: a keyslot for a second
+// passphrase is added, the first passphrase's keyslot erased, and qemu-io
+// then opens the image with the second passphrase only.
+func TestEncryptedAmendOnline(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "enc.qcow2")
+	qemuEncrypted(t, img)
+	g, _ := newGraph(t)
+	c := openQcow2(t, g, "img", img, encOpt+`,"discard":"unmap"`)
+	am := g.Lookup("img").Node().(graph.Amender)
+	w := &workload{c: c, mirror: readAll(t, c), cs: 65536, align: 512, r: rand.New(rand.NewPCG(3, 4))}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < 300; i++ {
+			w.step(t, t.Context(), i)
+		}
+	}()
+	amend := func(js string, force bool) error {
+		var o qcow2.AmendOptions
+		if err := qapi.Decode(testutil.Tree(t, js), false, &o); err != nil {
+			t.Fatal(err)
+		}
+		return am.Amend(t.Context(), &o, force)
+	}
+	if err := amend(`{"encrypt":{"format":"luks","state":"active","new-secret":"bad","iter-time":10}}`, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := amend(`{"encrypt":{"format":"luks","state":"inactive","old-secret":"sec0"}}`, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := amend(`{"encrypt":{"format":"luks","state":"inactive","old-secret":"bad"}}`, false); err == nil || !strings.Contains(err.Error(), "refusing operation") {
+		t.Fatalf("erasing the last keyslot: %v", err)
+	}
+	<-done
+	g.Close()
+	pw := filepath.Join(dir, "pw2")
+	if err := os.WriteFile(pw, []byte("wrong"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	sec2 := "secret,id=s0,file=" + pw
+	checkClean(t, img, "--object", sec2, "--image-opts", encImageOpts(img))
+	equalOrFail(t, "qemu view with the new passphrase", qemuRaw(t, "--object", sec2, "--image-opts", encImageOpts(img)), w.mirror)
+	if out, err := testutil.RunErr("qemu-io", "--object", qemuSecret(t), "--image-opts", encImageOpts(img), "-c", "read 0 512"); err == nil {
+		t.Fatalf("the erased passphrase still opens the image:\n%s", out)
+	}
 }

@@ -19,6 +19,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 
 	"blockd/drivers/qcow2/qcow2fmt"
 	"blockd/graph"
@@ -145,6 +146,7 @@ func Driver() *graph.Driver {
 		Open:          open,
 		CreateOptions: func() any { return new(CreateOptions) },
 		Create:        create,
+		AmendOptions:  func() any { return new(AmendOptions) },
 	}
 }
 
@@ -230,6 +232,8 @@ type node struct {
 	fmtName         string // backing-filename-format
 	backName        string // full backing filename
 	dataName        string
+	amendMu         sync.Mutex // one keyslot change at a time
+	secrets         func(id string) ([]byte, error)
 }
 
 func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
@@ -269,7 +273,7 @@ func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 	if opts.PassDiscardOther != nil {
 		p.passOther = *opts.PassDiscardOther
 	}
-	n := &node{}
+	n := &node{secrets: o.Secret}
 	// Encryption.
 	var encFmt string
 	if opts.Encrypt != nil {

@@ -141,6 +141,7 @@ func amendQcow2(e *env, im *image, ia qcow2Amender, list []optDesc, options stri
 		return failf("%v", err)
 	}
 	var a qcow2.ImageAmend
+	encrypt := false
 	// In the order of the option list, as QEMU checks them.
 	for _, d := range list {
 		v, ok := aOpts.vals[d.name]
@@ -167,7 +168,7 @@ func amendQcow2(e *env, im *image, ia qcow2Amender, list []optDesc, options stri
 			if !im.bds.ImageInfo(false).Encrypted {
 				return failf("Can't amend encryption options - encryption not present")
 			}
-			return failf("Amending the encryption of a qcow2 image is not supported by %s", Prog)
+			encrypt = true
 		case d.name == "lazy_refcounts":
 			a.LazyRefcounts = &v.b
 		case d.name == "refcount_bits":
@@ -182,7 +183,27 @@ func amendQcow2(e *env, im *image, ia qcow2Amender, list []optDesc, options stri
 		}
 	}
 	bar := newProgress(e, progress, 100, "amend")
-	err := ia.AmendImage(e.ctx, &a, force)
+	var err error
+	if encrypt {
+		// The keyslots of the image's LUKS header, through x-blockdev-amend's
+		// options.
+		tree := map[string]any{}
+		if err := aOpts.qapiTree(tree); err != nil {
+			return failf("%v", err)
+		}
+		enc, _ := tree["encrypt"].(map[string]any)
+		setDefault(enc, "format", "luks")
+		var ao qcow2.AmendOptions
+		if err := qapi.Decode(map[string]any{"encrypt": enc}, false, &ao); err != nil {
+			return failf("%v", err)
+		}
+		if am, ok := im.bds.Node().(graph.Amender); ok {
+			err = am.Amend(e.ctx, &ao, force)
+		}
+	}
+	if err == nil {
+		err = ia.AmendImage(e.ctx, &a, force)
+	}
 	if err == nil {
 		bar.set(100)
 	}
