@@ -42,6 +42,7 @@ func TestAmendWhileOpen(t *testing.T) {
 		{RefcountBits: 2},
 		{RefcountBits: 64, LazyRefcounts: &tr},
 		{LazyRefcounts: &fa, RefcountBits: 16},
+		{Size: size - 1<<20 - 512},
 		{Size: size + 2<<20},
 		{Version: 2},
 	} {
@@ -50,7 +51,7 @@ func TestAmendWhileOpen(t *testing.T) {
 			t.Fatalf("amend %+v: %v", a, err)
 		}
 		if a.Size != 0 {
-			w.mirror = append(w.mirror, make([]byte, a.Size-int64(len(w.mirror)))...)
+			w.mirror = append(w.mirror[:min(a.Size, int64(len(w.mirror)))], make([]byte, max(a.Size-int64(len(w.mirror)), 0))...)
 		}
 		if a.Version == 2 {
 			w.v2 = true

@@ -3,6 +3,7 @@ package qcow2
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 
 	"blockd/drivers/qcow2/qcow2fmt"
@@ -138,8 +139,10 @@ func (m *image) truncate(ctx context.Context, size int64, mode graph.Prealloc) e
 		return fmt.Errorf("The new size must be a multiple of %d", 512)
 	}
 	old := m.size.Load()
-	if size < old {
-		return fmt.Errorf("qcow2: shrinking an image is not supported: %w", graph.ErrNotSupported)
+	switch mode {
+	case "", graph.PreallocOff, graph.PreallocMetadata, graph.PreallocFalloc, graph.PreallocFull:
+	default:
+		return fmt.Errorf("Unsupported preallocation mode '%s'", mode)
 	}
 	if m.version < 3 && len(m.snapshots) > 0 {
 		return fmt.Errorf("Can't resize a v2 image which has snapshots")
@@ -147,10 +150,11 @@ func (m *image) truncate(ctx context.Context, size int64, mode graph.Prealloc) e
 	if m.hasBitmapExt {
 		return fmt.Errorf("Can't resize an image which has bitmaps: %w", graph.ErrNotSupported)
 	}
-	switch mode {
-	case "", graph.PreallocOff, graph.PreallocMetadata, graph.PreallocFalloc, graph.PreallocFull:
-	default:
-		return fmt.Errorf("Unsupported preallocation mode '%s'", mode)
+	if size < old {
+		if mode != "" && mode != graph.PreallocOff {
+			return errors.New("Preallocation can't be used for shrinking an image")
+		}
+		return m.shrink(ctx, size)
 	}
 	m.metaMu.Lock()
 	err := m.growL1Locked(ctx, int64(m.g.L1EntriesFor(uint64(size))))
@@ -335,6 +339,88 @@ func (m *image) zeroNewArea(ctx context.Context, old, size int64) error {
 			return err
 		}
 		off += n
+	}
+	return nil
+}
+
+// shrink makes the image smaller (qcow2_co_truncate): the clusters past
+// the new end are freed, then the L2 tables past it, and the file loses
+// the clusters at its end that are no longer in use.
+func (m *image) shrink(ctx context.Context, size int64) error {
+	g := m.g
+	cs := g.ClusterSize
+	st := m.lockStripes(0, int64(nStripes)<<g.ClusterBits, true)
+	defer m.unlockStripes(st)
+	old := m.size.Load()
+	// The rest of the new last cluster is zeroed, so that growing the
+	// image again shows zeroes there, not what the cut-off part held.
+	if tail := min((size+cs-1)&^(cs-1), old) - size; tail > 0 {
+		// Only data of this layer: what the backing file shows there is
+		// hidden by zeroNewArea when the image grows.
+		r, err := m.mapRun(ctx, size, tail)
+		if err == nil && (r.typ == qcow2fmt.SubNormal || r.typ == qcow2fmt.SubCompressed || r.n < tail) {
+			err = m.write(ctx, make([]byte, tail), size)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if start := (size + cs - 1) &^ (cs - 1); start < old {
+		if err := m.changeClusters(ctx, start, old-start, opFullDiscard); err != nil {
+			return fmt.Errorf("Failed to discard cropped clusters: %w", err)
+		}
+	}
+	m.metaMu.Lock()
+	defer m.metaMu.Unlock()
+	if err := m.writebackLocked(ctx, true); err != nil {
+		return err
+	}
+	m.l2.drop()
+	m.l1mu.RLock()
+	l1 := append([]uint64(nil), m.l1...)
+	m.l1mu.RUnlock()
+	var tables []int64
+	for i := int64(g.L1EntriesFor(uint64(size))); i < int64(len(l1)); i++ {
+		if off := int64(l1[i] & qcow2fmt.L1OffsetMask); off != 0 {
+			tables = append(tables, off)
+			l1[i] = 0
+		}
+	}
+	if len(tables) > 0 {
+		if err := m.writeL1Locked(ctx, l1); err != nil {
+			return fmt.Errorf("Failed to reduce the number of L2 tables: %w", err)
+		}
+		for _, off := range tables {
+			m.removeClusterKind(off, olActiveL2)
+			if err := m.freeNow(ctx, off, cs); err != nil {
+				return err
+			}
+		}
+	}
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], uint64(size))
+	if err := m.file.WriteAt(ctx, b[:], 24, 0); err != nil {
+		return err
+	}
+	if err := m.flushRefblocks2(ctx); err != nil {
+		return err
+	}
+	m.h.Size = uint64(size)
+	m.size.Store(size)
+	// The file ends after its last cluster in use.
+	last := (m.file.Size()+cs-1)/cs - 1
+	for ; last > 0; last-- {
+		rc, err := m.refcount(ctx, last)
+		if err != nil {
+			return err
+		}
+		if rc > 0 {
+			break
+		}
+	}
+	if end := (last + 1) * cs; end < m.file.Size() {
+		// As QEMU, a failure here only leaves the file longer.
+		_ = m.file.Truncate(ctx, end, graph.PreallocOff)
 	}
 	return nil
 }
