@@ -68,6 +68,10 @@ type Graph struct {
 	byName  map[string]*BDS
 	autoID  uint64
 	Secrets SecretStore
+	// MetadataOnly lets read-only opens skip unlocking encryption when no
+	// key is given (QEMU's BDRV_O_NO_IO, for tools that show metadata):
+	// such nodes refuse I/O.
+	MetadataOnly bool
 	// Events receives events drivers raise (BLOCK_IMAGE_CORRUPTED...);
 	// the daemon forwards them to the QMP monitors. May be nil.
 	Events func(name string, data any)

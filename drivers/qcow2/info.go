@@ -121,7 +121,7 @@ func (n *node) Info() graph.ImageInfo {
 		ActualSize:            -1,
 		ClusterSize:           n.cs(),
 		DirtyFlag:             &dirty,
-		Encrypted:             n.cipher != nil,
+		Encrypted:             n.luks != nil,
 		BackingFilename:       h.BackingFile,
 		FullBackingFilename:   n.backName,
 		BackingFilenameFormat: h.BackingFormat,

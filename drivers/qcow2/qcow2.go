@@ -16,6 +16,7 @@
 package qcow2
 
 import (
+	"blockd/drivers/luks/luksfmt"
 	"context"
 	"errors"
 	"fmt"
@@ -232,6 +233,7 @@ type node struct {
 	fmtName         string // backing-filename-format
 	backName        string // full backing filename
 	dataName        string
+	noKey           bool       // encrypted, opened for metadata only
 	amendMu         sync.Mutex // one keyslot change at a time
 	secrets         func(id string) ([]byte, error)
 }
@@ -292,6 +294,15 @@ func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 	case qcow2fmt.CryptLUKS:
 		if encFmt != "" && encFmt != "luks" {
 			return nil, fmt.Errorf("Header reported 'luks' encryption format but options specify '%s'", encFmt)
+		}
+		if (opts.Encrypt == nil || opts.Encrypt.KeySecret == nil) && ro && o.Graph().MetadataOnly {
+			// Metadata only: the header is read, nothing unlocked.
+			hdr, err := luksfmt.Open(regionIO{ctx: ctx, c: file, off: int64(h.Crypto.Offset), n: int64(h.Crypto.Length)}, int64(h.Crypto.Length))
+			if err != nil {
+				return nil, err
+			}
+			p.luks, n.noKey = hdr, true
+			break
 		}
 		if opts.Encrypt == nil || opts.Encrypt.KeySecret == nil {
 			return nil, errors.New("Parameter 'encrypt.key-secret' is required for cipher")
@@ -382,8 +393,15 @@ func (n *node) check() error {
 	if n.broken.Load() {
 		return errBroken
 	}
+	if n.noKey {
+		return errNoKey
+	}
 	return nil
 }
+
+// errNoKey is the answer to I/O on an encrypted image opened without its
+// key (metadata only).
+var errNoKey = fmt.Errorf("qcow2: the image was opened for its metadata only, without its encryption key: %w", graph.ErrNotSupported)
 
 // ReadAt implements graph.Node.
 func (n *node) ReadAt(ctx context.Context, p []byte, off int64) error {
@@ -452,6 +470,9 @@ func (n *node) BlockStatus(ctx context.Context, off, l int64) ([]graph.Extent, e
 
 // Flush implements graph.Node.
 func (n *node) Flush(ctx context.Context) error {
+	if n.noKey {
+		return nil // read-only, nothing to write
+	}
 	if err := n.check(); err != nil {
 		return err
 	}

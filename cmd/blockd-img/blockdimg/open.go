@@ -305,7 +305,9 @@ func (e *env) open(name string, o openOpts) (*image, error) {
 		nn = e.nodeName("img")
 		tree["node-name"] = nn
 	}
+	e.g.MetadataOnly = o.noIO
 	b, err := e.g.Add(e.ctx, tree, kv)
+	e.g.MetadataOnly = false
 	if err != nil {
 		return nil, failf("Could not open '%s': %v", name, err)
 	}
