@@ -56,6 +56,10 @@ const (
 	ExtentHole ExtentFlags = 1 << iota
 	// ExtentZero: the range reads as zeroes.
 	ExtentZero
+	// ExtentData (with ExtentZero): the format maps data there that reads
+	// as zeroes, because the file holds a hole (QEMU's BDRV_BLOCK_DATA
+	// together with BDRV_BLOCK_ZERO).
+	ExtentData
 )
 
 // Extent is one run of a BlockStatus answer.

@@ -247,6 +247,12 @@ var diffCases = []diffCase{
 		after: args("check", "dirty.qcow2"), afterOut: "text",
 		gap: "blockd repairs a dirty image with lazy refcounts when it opens it writable, so check -r finds nothing left to repair"},
 	{name: "qcow2-measure", args: args("measure", "-O", "qcow2", "src.img"), out: "text"},
+	// Metadata preallocation: the file's holes read as zeroes.
+	{name: "qcow2-prealloc-map", args: args("map", "--output=json", "pm.qcow2"), out: "text"},
+	{name: "qcow2-prealloc-map-human", args: args("map", "pm.qcow2"), out: "text"},
+	{name: "qcow2-prealloc-measure", args: args("measure", "-O", "qcow2", "pm.qcow2"), out: "text"},
+	{name: "qcow2-prealloc-convert", args: args("convert", "-O", "qcow2", "pm.qcow2", "out.qcow2"), mutates: true,
+		after: args("map", "--output=json", "out.qcow2"), afterOut: "text"},
 	{name: "qcow2-encrypted-info-nokey", args: args("info", "enc.qcow2"), out: "text"},
 	{name: "qcow2-encrypted-info-nokey-json", args: args("info", "--output=json", "enc.qcow2"), out: "json"},
 	{name: "qcow2-encrypted-map-nokey", args: args("map", "enc.qcow2"), stderr: true},

@@ -39,6 +39,7 @@ const (
 //	         under it leaks
 //	dirty.qcow2  lazy refcounts, killed after writes: refcounts too low
 //	v2.qcow2  compat=0.10, data at 0
+//	pm.qcow2  preallocation=metadata, data at 1M
 //	enc.qcow2  LUKS-encrypted qcow2 (passphrase pw), data at 0
 //	snap.qcow2  snapshots "s1" (data 1 at 0) and "s2" (data 2 at 0 and 3
 //	         at 2M), then data 4 at 1M
@@ -124,6 +125,8 @@ func buildFixture(ft *fixtureT, dir string) {
 	// qemu-io's abort ends the process without writing refcounts back.
 	mustRun(t, dir, "qemu-img", "create", "-q", "--object", objPW, "-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", "enc.qcow2", "4M")
 	mustRun(t, dir, "qemu-io", "--object", objPW, "--image-opts", "driver=qcow2,encrypt.key-secret=s0,file.filename=enc.qcow2", "-c", "write -P 9 0 128k")
+	mustRun(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", "pm.qcow2", "16M")
+	mustRun(t, dir, "qemu-io", "-f", "qcow2", "-c", "write -P 3 1M 64k", "pm.qcow2")
 	mustRun(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "8M")
 	mustRun(t, dir, "qemu-io", "-f", "qcow2", "-c", "write -P 7 0 256k", "v2.qcow2")
 	mustRun(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "snap.qcow2", "8M")

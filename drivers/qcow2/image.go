@@ -80,6 +80,9 @@ type image struct {
 	signalled atomic.Bool // a corruption event was sent
 
 	bufPool sync.Pool // *[]byte of bufSize
+
+	preallocOnce sync.Once
+	metaPrealloc bool // see metadataPreallocated
 }
 
 // bufSize is the scratch buffer size for encryption and COW.

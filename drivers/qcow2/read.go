@@ -203,7 +203,9 @@ func (m *image) blockStatus(ctx context.Context, off, n int64) ([]graph.Extent, 
 			return nil, err
 		}
 		switch r.typ {
-		case qcow2fmt.SubNormal, qcow2fmt.SubCompressed:
+		case qcow2fmt.SubNormal:
+			m.dataStatus(ctx, r, add)
+		case qcow2fmt.SubCompressed:
 			add(r.n, 0)
 		case qcow2fmt.SubZeroPlain, qcow2fmt.SubZeroAlloc:
 			add(r.n, graph.ExtentZero)
@@ -224,4 +226,63 @@ func (m *image) blockStatus(ctx context.Context, off, n int64) ([]graph.Extent, 
 		off += r.n
 	}
 	return out, nil
+}
+
+// dataStatus reports a run of data clusters. In an image whose metadata
+// was preallocated, the parts the file holds as holes read as zeroes
+// (QEMU's BDRV_BLOCK_RECURSE for such images).
+func (m *image) dataStatus(ctx context.Context, r run, add func(int64, graph.ExtentFlags)) {
+	if m.cipher != nil || r.host+r.n > m.data.Size() || !m.metadataPreallocated(ctx) {
+		add(r.n, 0)
+		return
+	}
+	ext, err := m.data.BlockStatus(ctx, r.host, r.n)
+	pos := int64(0)
+	if err == nil {
+		for _, e := range ext {
+			l := min(e.Length, r.n-pos)
+			if l <= 0 {
+				break
+			}
+			f := graph.ExtentFlags(0)
+			if e.Flags&graph.ExtentZero != 0 {
+				f = graph.ExtentZero | graph.ExtentData
+			}
+			add(l, f)
+			pos += l
+		}
+	}
+	if pos < r.n {
+		add(r.n-pos, 0)
+	}
+}
+
+// metadataPreallocated guesses, once, whether the image was created with
+// metadata preallocation (qcow2_detect_metadata_preallocation): the
+// clusters in use outnumber those the file really stores by a ninth.
+func (m *image) metadataPreallocated(ctx context.Context) bool {
+	m.preallocOnce.Do(func() {
+		as := m.file.BDS().ImageInfo(false).ActualSize
+		if as == nil {
+			return
+		}
+		cs := m.cs()
+		real := *as / cs
+		threshold := max(real*10/9, real+2)
+		end := (m.file.Size() + cs - 1) / cs
+		var count int64
+		m.metaMu.Lock()
+		for i := int64(0); i < end && count < threshold; i++ {
+			rc, err := m.refcount(ctx, i)
+			if err != nil {
+				break
+			}
+			if rc > 0 {
+				count++
+			}
+		}
+		m.metaMu.Unlock()
+		m.metaPrealloc = count >= threshold
+	})
+	return m.metaPrealloc
 }

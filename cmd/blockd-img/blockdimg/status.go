@@ -43,7 +43,7 @@ func statusOne(ctx context.Context, c *graph.Child, off, n int64) (blockStatus, 
 	st := blockStatus{length: min(x.Length, n)}
 	hole := x.Flags&graph.ExtentHole != 0
 	st.zero = x.Flags&graph.ExtentZero != 0
-	st.data = !hole && !st.zero
+	st.data = !hole && (!st.zero || x.Flags&graph.ExtentData != 0)
 	st.allocated = !hole || !supportsBacking(b)
 	if hole && !supportsBacking(b) {
 		st.zero = true
