@@ -72,6 +72,9 @@ type Graph struct {
 	// key is given (QEMU's BDRV_O_NO_IO, for tools that show metadata):
 	// such nodes refuse I/O.
 	MetadataOnly bool
+	// CheckOpen: images open for a consistency check, so formats leave
+	// repairs to it instead of repairing on open (QEMU's BDRV_O_CHECK).
+	CheckOpen bool
 	// Events receives events drivers raise (BLOCK_IMAGE_CORRUPTED...);
 	// the daemon forwards them to the QMP monitors. May be nil.
 	Events func(name string, data any)

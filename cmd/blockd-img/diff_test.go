@@ -243,9 +243,11 @@ var diffCases = []diffCase{
 		after: args("check", "leak.qcow2"), afterOut: "text"},
 	{name: "qcow2-check-dirty", args: args("check", "dirty.qcow2"), out: "text"},
 	{name: "qcow2-check-dirty-json", args: args("check", "--output=json", "dirty.qcow2"), out: "json"},
-	{name: "qcow2-check-fix-dirty", args: args("check", "-r", "all", "dirty.qcow2"), out: "text", mutates: true,
-		after: args("check", "dirty.qcow2"), afterOut: "text",
-		gap: "blockd repairs a dirty image with lazy refcounts when it opens it writable, so check -r finds nothing left to repair"},
+	// QEMU rebuilds the refcount structures at the end of the file where
+	// blockd corrects them in place: the image end offsets differ.
+	{name: "qcow2-check-fix-dirty", args: args("check", "-r", "all", "dirty.qcow2"), out: "text-noend", mutates: true,
+		after: args("check", "dirty.qcow2"), afterOut: "text-noend", check: checkedBoth("dirty.qcow2")},
+	{name: "qcow2-check-fix-dirty-leaks", args: args("check", "-r", "leaks", "dirty.qcow2"), out: "text-noend", mutates: true},
 	{name: "qcow2-measure", args: args("measure", "-O", "qcow2", "src.img"), out: "text"},
 	// Metadata preallocation: the file's holes read as zeroes.
 	{name: "qcow2-prealloc-map", args: args("map", "--output=json", "pm.qcow2"), out: "text"},
@@ -463,6 +465,9 @@ func compareOutput(t *testing.T, what, mode, q, b string) {
 		if q != b {
 			t.Errorf("%s differs\nqemu-img:\n%s\nblockd-img:\n%s", what, q, b)
 		}
+	case "text-noend":
+		re := regexp.MustCompile(`Image end offset: [0-9]+`)
+		compareOutput(t, what, "text", re.ReplaceAllString(q, ""), re.ReplaceAllString(b, ""))
 	case "json-noactual":
 		// Allocation differs a little between the tools' writes.
 		re := regexp.MustCompile(`"actual-size": [0-9]+,?`)

@@ -3,6 +3,8 @@ package qcow2
 import (
 	"context"
 	"errors"
+	"fmt"
+	"syscall"
 
 	"blockd/drivers/qcow2/qcow2fmt"
 	"blockd/graph"
@@ -65,13 +67,19 @@ func (n *node) Check(ctx context.Context, fix int) (*CheckReport, error) {
 		return r, nil
 	}
 	leaksOnly := fix&FixErrors == 0
+	if leaksOnly && res.NeedRebuild {
+		r.CheckErrors++
+		r.Messages = append(r.Messages, "ERROR need to rebuild refcount structures")
+		return r, fmt.Errorf("qcow2: the refcount structures need a rebuild (check -r all): %w", syscall.EIO)
+	}
 	if leaksOnly && r.Leaks == 0 {
 		return r, nil
 	}
 	// The repair reads and writes tables directly: start from an empty,
 	// clean L2 cache and leave one.
 	m.l2.drop()
-	if err := m.repairLocked(ctx, leaksOnly); err != nil {
+	copied, err := m.repairCountLocked(ctx, leaksOnly)
+	if err != nil {
 		r.CheckErrors++
 		return r, errors.Join(errors.New("qcow2: repair failed"), err)
 	}
@@ -79,7 +87,9 @@ func (n *node) Check(ctx context.Context, fix int) (*CheckReport, error) {
 	r.LeaksFixed = r.Leaks
 	r.Leaks = 0
 	if !leaksOnly {
-		r.CorruptionsFixed = r.Corruptions
+		// As QEMU: the refcounts are fixed first, then the COPIED flags
+		// that still disagree with them.
+		r.CorruptionsFixed = r.Corruptions - int64(res.CopiedErrors) + int64(copied)
 		r.Corruptions = 0
 	}
 	return r, nil

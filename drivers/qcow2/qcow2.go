@@ -255,7 +255,7 @@ func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 	if h.IncompatibleFeatures&qcow2fmt.IncompatCorrupt != 0 && !ro {
 		return nil, errors.New("qcow2: Image is corrupt; cannot be opened read/write")
 	}
-	p := imageParams{ro: ro, name: o.NodeName(), emit: o.Graph().Emit}
+	p := imageParams{ro: ro, name: o.NodeName(), emit: o.Graph().Emit, noRepair: o.Graph().CheckOpen}
 	g := h.Geometry()
 	if p.l2Tables, p.rcBlocks, err = cacheSizes(opts, g, int64(h.Size)); err != nil {
 		return nil, err

@@ -21,12 +21,19 @@ func (m *image) adjust(c, delta int64) {
 // refuses images whose tables are damaged. With leaksOnly it only lowers
 // refcounts that are too high (check -r leaks). metaMu is held.
 func (m *image) repairLocked(ctx context.Context, leaksOnly bool) error {
+	_, err := m.repairCountLocked(ctx, leaksOnly)
+	return err
+}
+
+// repairCountLocked is repairLocked, returning how many COPIED flags it
+// corrected.
+func (m *image) repairCountLocked(ctx context.Context, leaksOnly bool) (int, error) {
 	refs, err := qcow2fmt.References(childIO{ctx, m.file}, m.h, m.file.Size())
 	if err != nil {
-		return err
+		return 0, err
 	}
 	if len(refs.Problems) > 0 {
-		return fmt.Errorf("%s", refs.Problems[0])
+		return 0, fmt.Errorf("%s", refs.Problems[0])
 	}
 	m.repairAdj = map[int64]int64{}
 	want := func(c int64) uint64 {
@@ -43,7 +50,7 @@ func (m *image) repairLocked(ctx context.Context, leaksOnly bool) error {
 	for c := int64(0); c < limit; c++ {
 		b, err := m.refblock(ctx, c>>bits)
 		if err != nil {
-			return err
+			return 0, err
 		}
 		if b == nil {
 			// Nothing stored here: only references need a block.
@@ -54,37 +61,39 @@ func (m *image) repairLocked(ctx context.Context, leaksOnly bool) error {
 		if leaksOnly {
 			cur, err := m.refcount(ctx, c)
 			if err != nil {
-				return err
+				return 0, err
 			}
 			if cur <= want(c) {
 				continue
 			}
 		}
 		if err := m.setRefcount(ctx, c, want(c)); err != nil {
-			return err
+			return 0, err
 		}
 	}
 	if leaksOnly {
 		_, err := m.flushRefblocks(ctx)
-		return err
+		return 0, err
 	}
-	if err := m.fixCopiedLocked(ctx); err != nil {
-		return err
+	copied, err := m.fixCopiedLocked(ctx)
+	if err != nil {
+		return 0, err
 	}
 	if _, err := m.flushRefblocks(ctx); err != nil {
-		return err
+		return 0, err
 	}
 	if err := m.file.Flush(ctx); err != nil {
-		return err
+		return 0, err
 	}
 	m.freeHint = 0
-	return m.setIncompatible(ctx, qcow2fmt.IncompatDirty, false)
+	return copied, m.setIncompatible(ctx, qcow2fmt.IncompatDirty, false)
 }
 
 // fixCopiedLocked sets the COPIED flag of active L1 and L2 entries exactly
 // where the refcount is one (always for an external data file). metaMu is
 // held and the L2 cache is empty.
-func (m *image) fixCopiedLocked(ctx context.Context) error {
+func (m *image) fixCopiedLocked(ctx context.Context) (int, error) {
+	fixed := 0
 	g := m.g
 	cs := g.ClusterSize
 	buf := make([]byte, cs)
@@ -95,19 +104,20 @@ func (m *image) fixCopiedLocked(ctx context.Context) error {
 		}
 		rc, err := m.refcount(ctx, off>>g.ClusterBits)
 		if err != nil {
-			return err
+			return 0, err
 		}
 		ne := e &^ qcow2fmt.OflagCopied
 		if rc == 1 {
 			ne |= qcow2fmt.OflagCopied
 		}
 		if ne != e {
+			fixed++
 			if err := m.writeL1Entry(ctx, int64(i), ne); err != nil {
-				return err
+				return 0, err
 			}
 		}
 		if err := m.file.ReadAt(ctx, buf, off); err != nil {
-			return err
+			return 0, err
 		}
 		changed := false
 		for j := int64(0); j < g.L2Entries; j++ {
@@ -120,7 +130,7 @@ func (m *image) fixCopiedLocked(ctx context.Context) error {
 			if !g.DataFile {
 				rc, err := m.refcount(ctx, qcow2fmt.HostOffset(le)>>g.ClusterBits)
 				if err != nil {
-					return err
+					return 0, err
 				}
 				copied = rc == 1
 			}
@@ -129,15 +139,16 @@ func (m *image) fixCopiedLocked(ctx context.Context) error {
 				nle |= qcow2fmt.OflagCopied
 			}
 			if nle != le {
+				fixed++
 				g.SetL2Entry(buf, j, nle, bm)
 				changed = true
 			}
 		}
 		if changed {
 			if err := m.file.WriteAt(ctx, buf, off, 0); err != nil {
-				return err
+				return 0, err
 			}
 		}
 	}
-	return nil
+	return fixed, nil
 }

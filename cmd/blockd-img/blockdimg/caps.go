@@ -58,10 +58,10 @@ func formatChecker(n graph.Node) checkFunc {
 	return func(ctx context.Context, fix int) (CheckResult, error) {
 		out := m.Call([]reflect.Value{reflect.ValueOf(ctx), reflect.ValueOf(fix).Convert(t.In(1))})
 		var r CheckResult
+		fillByName(out[0], &r)
 		if e, _ := out[1].Interface().(error); e != nil {
 			return r, e
 		}
-		fillByName(out[0], &r)
 		return r, nil
 	}
 }

@@ -105,7 +105,7 @@ func cmdCheck(e *env, args []string) error {
 	if _, _, _, ok := cacheFlags(o.cache); !ok {
 		return failf("Invalid source cache option: %s", o.cache)
 	}
-	o.quiet = quiet
+	o.quiet, o.check = quiet, true
 	im, err := e.open(filename, o)
 	if err != nil {
 		return err

@@ -25,6 +25,7 @@ type openOpts struct {
 	forceShare bool   // -U
 	noIO       bool   // BDRV_O_NO_IO: metadata only (info)
 	noBacking  bool   // BDRV_O_NO_BACKING
+	check      bool   // BDRV_O_CHECK: no repair on open
 	cache      string // -t / -T; "" is writeback
 	unmap      bool   // discard=unmap (convert targets)
 	quiet      bool
@@ -305,9 +306,9 @@ func (e *env) open(name string, o openOpts) (*image, error) {
 		nn = e.nodeName("img")
 		tree["node-name"] = nn
 	}
-	e.g.MetadataOnly = o.noIO
+	e.g.MetadataOnly, e.g.CheckOpen = o.noIO, o.check
 	b, err := e.g.Add(e.ctx, tree, kv)
-	e.g.MetadataOnly = false
+	e.g.MetadataOnly, e.g.CheckOpen = false, false
 	if err != nil {
 		return nil, failf("Could not open '%s': %v", name, err)
 	}

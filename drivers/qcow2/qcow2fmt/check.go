@@ -226,6 +226,13 @@ type CheckResult struct {
 	// fragmented ones: compressed, or not following the previous cluster
 	// of the same L2 table on the host (QEMU's BlockFragInfo).
 	Allocated, Compressed, Fragmented int64
+	// CopiedErrors are the corruptions that are COPIED flags disagreeing
+	// with the stored refcount (included in Corruptions).
+	CopiedErrors int
+	// NeedRebuild: a referenced cluster has no refcount at all (QEMU
+	// rebuilds the refcount structures then, and fixing leaks alone
+	// cannot help).
+	NeedRebuild bool
 }
 
 // OK reports a clean image.
@@ -259,6 +266,9 @@ func Check(rd io.ReaderAt, fileSize int64) (*CheckResult, error) {
 		if want > refs.g.RefcountMax {
 			want = refs.g.RefcountMax
 		}
+		if got == 0 && want > 0 {
+			res.NeedRebuild = true
+		}
 		switch {
 		case got < want:
 			res.Corruptions++
@@ -283,6 +293,7 @@ func Check(rd io.ReaderAt, fileSize int64) (*CheckResult, error) {
 			}
 			if (stored(off>>g.ClusterBits) == 1) != (e&OflagCopied != 0) {
 				res.Corruptions++
+				res.CopiedErrors++
 				msg("ERROR OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%x refcount=%d", i, e, stored(off>>g.ClusterBits))
 			}
 			if readAt(rd, l2, off) != nil {
@@ -311,6 +322,7 @@ func Check(rd io.ReaderAt, fileSize int64) (*CheckResult, error) {
 				hc := HostOffset(le) >> g.ClusterBits
 				if (stored(hc) == 1) != (le&OflagCopied != 0) {
 					res.Corruptions++
+					res.CopiedErrors++
 					msg("ERROR OFLAG_COPIED data cluster: l2_entry=%x refcount=%d", le, stored(hc))
 				}
 			}
