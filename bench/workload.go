@@ -333,15 +333,27 @@ func (r *runner) runConvert() error {
 				if d == Blockd {
 					bin = r.img
 				}
-				os.Remove(out)
-				cmd := exec.CommandContext(r.ctx, bin, cc.args(r.imgs, out)...)
-				var eb bytes.Buffer
-				cmd.Stdout, cmd.Stderr = &eb, &eb
-				t0 := time.Now()
-				if err := cmd.Run(); err != nil {
+				var cmd *exec.Cmd
+				var el time.Duration
+				for try := 0; ; try++ {
+					os.Remove(out)
+					cmd = exec.CommandContext(r.ctx, bin, cc.args(r.imgs, out)...)
+					var eb bytes.Buffer
+					cmd.Stdout, cmd.Stderr = &eb, &eb
+					t0 := time.Now()
+					err := cmd.Run()
+					el = time.Since(t0)
+					if err == nil {
+						break
+					}
+					// qemu-img sometimes fails to time its PBKDF on busy
+					// machines ("Unable to get accurate CPU usage"): that
+					// attempt is not a measurement; try again.
+					if try < 5 && strings.Contains(eb.String(), "Unable to get accurate CPU usage") {
+						continue
+					}
 					return fmt.Errorf("%s %s: %v\n%s", filepath.Base(bin), strings.Join(cc.args(r.imgs, out), " "), err, eb.String())
 				}
-				el := time.Since(t0)
 				cpu := cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
 				m := &Metric{Name: cc.name, Label: cc.label, Unit: "s", LowerBetter: true, CPUUnit: "CPU s"}
 				r.res.add("convert", m, d, sample{el.Seconds(), cpu.Seconds()})

@@ -64,8 +64,10 @@
 //
 //   - READ: structured reads of 64 KiB or more on nodes with
 //     graph.BlockStatuser become data and NBD_REPLY_TYPE_OFFSET_HOLE chunks
-//     (zero extents are not read); with DF, or smaller, one data chunk. FUA
-//     flushes first (as QEMU).
+//     (zero extents are not read); with DF one data chunk; smaller reads
+//     one chunk, a hole chunk when the data read is all zeroes (no payload
+//     to send, as QEMU's block-status-driven replies). FUA flushes first
+//     (as QEMU).
 //   - WRITE_ZEROES uses graph.Zeroer (MayUnmap unless NO_HOLE, NoFallback
 //     for FAST_ZERO) and otherwise writes zero buffers; FAST_ZERO without a
 //     Zeroer fails with ENOTSUP without touching data.

@@ -695,13 +695,15 @@ func TestSparseReadsAndBlockStatus(t *testing.T) {
 			if r.chunks[len(r.chunks)-1].flags&replyFlagDone == 0 {
 				t.Fatal("last chunk not DONE")
 			}
-			// DF and small reads: one data chunk.
+			// DF and small reads: one chunk, data unless a small read
+			// found only zeroes.
 			for _, rq := range []struct {
-				flags uint16
-				n     uint64
-			}{{cmdFlagDF, mib}, {0, 4096}} {
-				r = c.do(cmdRead, rq.flags, 0, rq.n, nil)
-				if len(r.chunks) != 1 || r.chunks[0].typ != replyTypeOffsetData || !bytes.Equal(r.data, sn.Bytes()[:rq.n]) {
+				flags  uint16
+				off, n uint64
+				typ    uint16
+			}{{cmdFlagDF, 0, mib, replyTypeOffsetData}, {0, 0, 4096, replyTypeOffsetHole}, {0, sparseGrain, 4096, replyTypeOffsetData}} {
+				r = c.do(cmdRead, rq.flags, rq.off, rq.n, nil)
+				if len(r.chunks) != 1 || r.chunks[0].typ != rq.typ || !bytes.Equal(r.data, sn.Bytes()[rq.off:rq.off+rq.n]) {
 					t.Fatalf("read %+v: %d chunks", rq, len(r.chunks))
 				}
 			}

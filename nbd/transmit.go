@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -362,6 +363,12 @@ func (c *conn) read(r *request) error {
 		return err
 	}
 	if c.mode >= modeStructured {
+		if r.flags&cmdFlagDF == 0 && n <= len(zeroBuf) && bytes.Equal(r.buf, zeroBuf[:n]) {
+			// Zeroes go as a hole chunk, without payload (smaller reads
+			// do not ask block status first, but the answer is the same).
+			r.chunks = append(r.chunks[:0], chunk{typ: replyTypeOffsetHole, off: r.off, hole: uint32(n)})
+			return nil
+		}
 		r.chunks = append(r.chunks[:0], chunk{typ: replyTypeOffsetData, off: r.off, data: r.buf})
 	}
 	return nil

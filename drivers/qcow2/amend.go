@@ -164,9 +164,6 @@ func (m *image) downgradeLocked(ctx context.Context) error {
 	if f := h.IncompatibleFeatures &^ qcow2fmt.IncompatCompression; f != 0 {
 		return fmt.Errorf("Cannot downgrade an image with incompatible features %#x set", f)
 	}
-	if len(m.snapshots) > 0 {
-		return fmt.Errorf("qcow2: downgrading an image with internal snapshots is not supported: %w", graph.ErrNotSupported)
-	}
 	compressed, err := m.expandZeroClustersLocked(ctx)
 	if err != nil {
 		return fmt.Errorf("Failed to turn zero into data clusters: %w", err)
@@ -189,74 +186,124 @@ func (m *image) downgradeLocked(ctx context.Context) error {
 	return nil
 }
 
-// expandZeroClustersLocked rewrites the zero clusters of the active
-// tables for a version 2 image, and reports whether compressed clusters
-// exist. metaMu is held and the L2 cache is empty.
+// expandZeroClustersLocked rewrites the zero clusters of the active and
+// the snapshot tables for a version 2 image (qcow2_expand_zero_clusters),
+// and reports whether compressed clusters exist. An L2 table shared by
+// several L1 tables is rewritten once; a zero cluster whose host cluster
+// other entries also use gets a cluster of its own. metaMu is held and
+// the L2 cache is empty.
 func (m *image) expandZeroClustersLocked(ctx context.Context) (bool, error) {
 	g := m.g
 	cs := g.ClusterSize
+	m.l1mu.RLock()
+	tables := [][]uint64{append([]uint64(nil), m.l1...)}
+	m.l1mu.RUnlock()
+	for _, s := range m.snapshots {
+		t, err := readTable(ctx, m.file, int64(s.L1TableOffset), int64(s.L1Size))
+		if err != nil {
+			return false, err
+		}
+		tables = append(tables, t)
+	}
 	buf := make([]byte, cs)
 	zero := make([]byte, cs)
 	compressed := false
-	m.l1mu.RLock()
-	l1 := append([]uint64(nil), m.l1...)
-	m.l1mu.RUnlock()
-	for i, e := range l1 {
-		off := int64(e & qcow2fmt.L1OffsetMask)
-		if off == 0 {
-			continue
+	done := map[int64]bool{}
+	// zeroCluster gives an entry a fresh cluster of zeroes holding refs
+	// references.
+	zeroCluster := func(refs int64) (int64, error) {
+		host, err := m.allocClusters(ctx, 1)
+		if err != nil {
+			return 0, err
 		}
-		if off&(cs-1) != 0 || off+cs > m.file.Size() {
-			return false, m.corruptLocked(ctx, true, -1, -1, "L2 table offset %#x unaligned or beyond the end of the image (L1 index: %#x)", off, i)
+		if refs > 1 {
+			if err := m.addRefcount(ctx, host>>g.ClusterBits, refs-1); err != nil {
+				return 0, err
+			}
 		}
-		if err := m.file.ReadAt(ctx, buf, off); err != nil {
-			return false, err
+		if err := m.ensureSize(ctx, m.data, host+cs); err != nil {
+			return 0, err
 		}
-		changed := false
-		for j := int64(0); j < g.L2Entries; j++ {
-			le, _ := g.L2Entry(buf, j)
-			switch g.ClusterType(le) {
-			case qcow2fmt.ClusterCompressed:
-				compressed = true
-			case qcow2fmt.ClusterZeroAlloc:
-				host := qcow2fmt.HostOffset(le)
-				if err := m.ensureSize(ctx, m.data, host+cs); err != nil {
-					return false, err
-				}
-				if err := m.data.WriteAt(ctx, zero, host, 0); err != nil {
-					return false, err
-				}
-				g.SetL2Entry(buf, j, le&^qcow2fmt.OflagZero, 0)
-				changed = true
-			case qcow2fmt.ClusterZeroPlain:
-				ne := uint64(0)
-				if m.backing != nil {
-					host, err := m.allocClusters(ctx, 1)
+		return host, m.data.WriteAt(ctx, zero, host, 0)
+	}
+	for _, l1 := range tables {
+		for i, e := range l1 {
+			off := int64(e & qcow2fmt.L1OffsetMask)
+			if off == 0 || done[off] {
+				continue
+			}
+			done[off] = true
+			if off&(cs-1) != 0 || off+cs > m.file.Size() {
+				return false, m.corruptLocked(ctx, true, -1, -1, "L2 table offset %#x unaligned or beyond the end of the image (L1 index: %#x)", off, i)
+			}
+			if err := m.file.ReadAt(ctx, buf, off); err != nil {
+				return false, err
+			}
+			l2rc, err := m.refcount(ctx, off>>g.ClusterBits)
+			if err != nil {
+				return false, err
+			}
+			refs := int64(max(l2rc, 1))
+			copied := uint64(0)
+			if refs == 1 {
+				copied = qcow2fmt.OflagCopied
+			}
+			changed := false
+			for j := int64(0); j < g.L2Entries; j++ {
+				le, _ := g.L2Entry(buf, j)
+				switch g.ClusterType(le) {
+				case qcow2fmt.ClusterCompressed:
+					compressed = true
+				case qcow2fmt.ClusterZeroAlloc:
+					host := qcow2fmt.HostOffset(le)
+					hrc, err := m.refcount(ctx, host>>g.ClusterBits)
 					if err != nil {
 						return false, err
 					}
-					if err := m.ensureSize(ctx, m.data, host+cs); err != nil {
-						return false, err
+					if int64(hrc) == refs {
+						// Only this entry uses the cluster: zero it.
+						if err := m.ensureSize(ctx, m.data, host+cs); err != nil {
+							return false, err
+						}
+						if err := m.data.WriteAt(ctx, zero, host, 0); err != nil {
+							return false, err
+						}
+						g.SetL2Entry(buf, j, le&^qcow2fmt.OflagZero, 0)
+					} else {
+						nh, err := zeroCluster(refs)
+						if err != nil {
+							return false, err
+						}
+						if err := m.addRefcount(ctx, host>>g.ClusterBits, -refs); err != nil {
+							return false, err
+						}
+						g.SetL2Entry(buf, j, uint64(nh)|copied, 0)
 					}
-					if err := m.data.WriteAt(ctx, zero, host, 0); err != nil {
-						return false, err
+					changed = true
+				case qcow2fmt.ClusterZeroPlain:
+					ne := uint64(0)
+					if m.backing != nil {
+						nh, err := zeroCluster(refs)
+						if err != nil {
+							return false, err
+						}
+						ne = uint64(nh) | copied
 					}
-					ne = uint64(host) | qcow2fmt.OflagCopied
+					g.SetL2Entry(buf, j, ne, 0)
+					changed = true
 				}
-				g.SetL2Entry(buf, j, ne, 0)
-				changed = true
 			}
-		}
-		if changed {
-			// The zeroes and the refcounts first, then the entries.
-			if err := m.flushRefblocks2(ctx); err != nil {
-				return false, err
-			}
-			if err := m.data.Flush(ctx); err != nil {
-				return false, err
-			}
-			if err := m.file.WriteAt(ctx, buf, off, 0); err != nil {
-				return false, err
+			if changed {
+				// The zeroes and the refcounts first, then the entries.
+				if err := m.flushRefblocks2(ctx); err != nil {
+					return false, err
+				}
+				if err := m.data.Flush(ctx); err != nil {
+					return false, err
+				}
+				if err := m.file.WriteAt(ctx, buf, off, 0); err != nil {
+					return false, err
+				}
 			}
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"math/bits"
 	"sync"
 	"sync/atomic"
 
@@ -231,8 +232,11 @@ func (m *image) lockStripes(off, n int64, write bool) stripeSet {
 			s.set[i/64] |= 1 << (i % 64)
 		}
 	}
-	for i := 0; i < nStripes; i++ {
-		if s.set[i/64]&(1<<(i%64)) != 0 {
+	// Set bits only, in ascending order.
+	for w, bitsw := range s.set {
+		for bitsw != 0 {
+			i := w*64 + bits.TrailingZeros64(bitsw)
+			bitsw &= bitsw - 1
 			if write {
 				m.stripes[i].Lock()
 			} else {
@@ -245,9 +249,11 @@ func (m *image) lockStripes(off, n int64, write bool) stripeSet {
 
 // unlockStripes releases what lockStripes took.
 func (m *image) unlockStripes(s stripeSet) {
-	for i := nStripes - 1; i >= 0; i-- {
-		if s.set[i/64]&(1<<(i%64)) != 0 {
-			if s.write {
+	for w := len(s.set) - 1; w >= 0; w-- {
+		for bitsw := s.set[w]; bitsw != 0; {
+			b := 63 - bits.LeadingZeros64(bitsw)
+			bitsw &^= 1 << b
+			if i := w*64 + b; s.write {
 				m.stripes[i].Unlock()
 			} else {
 				m.stripes[i].RUnlock()
