@@ -8,7 +8,9 @@ import (
 	"encoding/binary"
 	"fmt"
 	"hash"
+	"runtime"
 	"strings"
+	"sync"
 )
 
 // hashAlgs are the hashes usable for PBKDF2, the AF splitter and LUKS2 header
@@ -34,21 +36,45 @@ func lookupHash(name string) (func() hash.Hash, error) {
 // pbkdf2Key is PBKDF2 (RFC 8018) with HMAC over newHash, returned in a heap
 // slice: for digests, whose output is public. Keys derived from secrets use
 // pbkdf2Into with a key-memory destination.
+// It runs serially: the KDF calibration measures with it, so that an
+// iteration count means the time a serial implementation (cryptsetup,
+// QEMU) spends.
 func pbkdf2Key(newHash func() hash.Hash, password, salt []byte, iter, keyLen int) []byte {
 	out := make([]byte, keyLen)
-	pbkdf2Into(out, newHash, password, salt, iter)
+	pbkdf2Blocks(out, newHash, password, salt, iter, 1)
 	return out
 }
 
-// pbkdf2Into writes PBKDF2 (RFC 8018) with HMAC over newHash into dst
-// (len(dst) bytes of output). Unlike golang.org/x/crypto/pbkdf2, which
+// pbkdf2Into is PBKDF2 into dst; the output blocks (one per hash size of
+// output: two for a 512-bit XTS key with SHA-256) are independent chains,
+// so they run on separate cores. Hand-written instead of
+// golang.org/x/crypto/pbkdf2, which neither keeps its buffers in key
+// memory nor computes blocks in parallel.
+func pbkdf2Into(dst []byte, newHash func() hash.Hash, password, salt []byte, iter int) {
+	hs := newHash().Size()
+	nb := (len(dst) + hs - 1) / hs
+	if nb == 1 || runtime.GOMAXPROCS(0) == 1 {
+		pbkdf2Blocks(dst, newHash, password, salt, iter, 1)
+		return
+	}
+	var wg sync.WaitGroup
+	for b := 1; b < nb; b++ {
+		part := dst[(b-1)*hs : b*hs]
+		wg.Go(func() { pbkdf2Blocks(part, newHash, password, salt, iter, uint32(b)) })
+	}
+	pbkdf2Blocks(dst[(nb-1)*hs:], newHash, password, salt, iter, uint32(nb))
+	wg.Wait()
+}
+
+// pbkdf2Blocks writes PBKDF2 (RFC 8018) with HMAC over newHash into dst
+// (len(dst) bytes of output), starting with output block first. Unlike golang.org/x/crypto/pbkdf2, which
 // copies the password into an immutable string, it keeps every
 // password-derived buffer in key memory (keyBuf) and wipes it (and resets
 // the hash states) before returning, so only dst holds secret material.
 // HMAC's inner and outer states are precomputed once and restored per
 // iteration, two compressions per iteration like crypto/hmac. iter and
 // len(dst) must be positive.
-func pbkdf2Into(dst []byte, newHash func() hash.Hash, password, salt []byte, iter int) {
+func pbkdf2Blocks(dst []byte, newHash func() hash.Hash, password, salt []byte, iter int, first uint32) {
 	inner, outer := newHash(), newHash()
 	bs, hs := inner.BlockSize(), inner.Size()
 
@@ -121,7 +147,7 @@ func pbkdf2Into(dst []byte, newHash func() hash.Hash, password, salt []byte, ite
 	}
 
 	var ctr [4]byte
-	for block, done := uint32(1), 0; done < len(dst); block++ {
+	for block, done := first, 0; done < len(dst); block++ {
 		binary.BigEndian.PutUint32(ctr[:], block)
 		prf(u, salt, ctr[:])
 		copy(t, u)

@@ -54,6 +54,13 @@ func TestPBKDF2MatchesXCrypto(t *testing.T) {
 				if got := pbkdf2Key(h, pass, salt, 7, n); !bytes.Equal(got, want) {
 					t.Fatalf("hash size %d, password %d bytes, key %d bytes: mismatch", h().Size(), plen, n)
 				}
+				// The parallel form (one goroutine per output block).
+				got := keyBuf(n)
+				pbkdf2Into(got, h, pass, salt, 7)
+				if !bytes.Equal(got, want) {
+					t.Fatalf("parallel: hash size %d, password %d bytes, key %d bytes: mismatch", h().Size(), plen, n)
+				}
+				freeKey(got)
 			}
 		}
 	}
