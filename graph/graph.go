@@ -544,6 +544,7 @@ func (o *Opener) Child(ctx context.Context, name string, ref *Ref, spec ChildSpe
 	}
 	var cb *BDS
 	if ref.Inline != nil {
+		inheritOptions(ref.Inline, o.b.opts)
 		nb, err := g.open(ctx, ref.Inline, o.b.readOnly)
 		if err != nil {
 			return nil, err
@@ -748,3 +749,34 @@ func (c *Child) BDS() *BDS { return c.node }
 
 // Role returns the edge's role.
 func (c *Child) Role() Role { return c.role }
+
+// inheritOptions gives a child defined inline in its parent's options
+// the defaults QEMU's bdrv_inherited_options gives it: the parent's
+// cache.direct, cache.no-flush and force-share, and discard=unmap (the
+// parent's own discard policy already filters what reaches the child).
+// Options the child sets itself stay.
+func inheritOptions(child, parent *Opts) {
+	if parent == nil {
+		return
+	}
+	if child.Discard == "" {
+		child.Discard = "unmap"
+	}
+	if pc := parent.Cache; pc != nil {
+		if child.Cache == nil {
+			child.Cache = &CacheOptions{}
+		}
+		if child.Cache.Direct == nil && pc.Direct != nil {
+			v := *pc.Direct
+			child.Cache.Direct = &v
+		}
+		if child.Cache.NoFlush == nil && pc.NoFlush != nil {
+			v := *pc.NoFlush
+			child.Cache.NoFlush = &v
+		}
+	}
+	if child.ForceShare == nil && parent.ForceShare != nil {
+		v := *parent.ForceShare
+		child.ForceShare = &v
+	}
+}

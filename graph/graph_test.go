@@ -270,3 +270,30 @@ func TestJSONFilename(t *testing.T) {
 		t.Fatalf("got  %s\nwant %s", got, want)
 	}
 }
+
+// TestInlineChildInherits checks QEMU's bdrv_inherited_options for a child
+// defined inline: discard=unmap by default, cache and force-share from the
+// parent, and the child's own settings kept.
+func TestInlineChildInherits(t *testing.T) {
+	g := newGraph(t)
+	defer g.Close()
+	ctx := context.Background()
+	if _, err := g.Add(ctx, tree(t, `{"driver":"raw","node-name":"top","read-only":true,"force-share":true,
+		"cache":{"no-flush":true},"file":{"driver":"mem","node-name":"f","size":4096}}`), false); err != nil {
+		t.Fatal(err)
+	}
+	f := g.Lookup("f").Options()
+	if f.Discard != "unmap" || !f.NoFlush() || f.ForceShare == nil || !*f.ForceShare {
+		t.Fatalf("inline child options: discard %q, no-flush %v, force-share %v", f.Discard, f.NoFlush(), f.ForceShare)
+	}
+	if top := g.Lookup("top").Options(); top.Discard != "" {
+		t.Fatalf("the parent's discard changed to %q", top.Discard)
+	}
+	if _, err := g.Add(ctx, tree(t, `{"driver":"raw","node-name":"top2","discard":"unmap",
+		"file":{"driver":"mem","node-name":"f2","size":4096,"discard":"ignore","cache":{"no-flush":false}}}`), false); err != nil {
+		t.Fatal(err)
+	}
+	if f2 := g.Lookup("f2").Options(); f2.Discard != "ignore" || f2.NoFlush() {
+		t.Fatalf("the child's own options were overridden: discard %q, no-flush %v", f2.Discard, f2.NoFlush())
+	}
+}

@@ -40,6 +40,7 @@ type image struct {
 	lazy         bool // lazy refcounts in use
 	passRequest  bool // pass discards of guest requests to the file
 	passOther    bool // pass discards of other frees to the file
+	passSnap     bool // pass discards of clusters freed by snapshot operations
 	overlap      olFlags
 	cipher       *blockcrypto.Cipher // nil unless encrypted
 	luks         *luksfmt.Header     // the LUKS header of an encrypted image

@@ -22,6 +22,7 @@ type imageParams struct {
 	lazy        bool
 	passRequest bool
 	passOther   bool
+	passSnap    bool
 	overlap     olFlags
 	cipher      *blockcrypto.Cipher
 	luks        *luksfmt.Header
@@ -52,7 +53,7 @@ func newImage(ctx context.Context, h *qcow2fmt.Header, p imageParams) (*image, e
 	m := &image{
 		file: p.file, data: p.data, ro: p.ro, g: g, emit: p.emit, name: p.name,
 		version: h.Version, compression: h.CompressionType, dataFileRaw: h.DataFileRaw(),
-		lazy: p.lazy, passRequest: p.passRequest, passOther: p.passOther, overlap: p.overlap,
+		lazy: p.lazy, passRequest: p.passRequest, passOther: p.passOther, passSnap: p.passSnap, overlap: p.overlap,
 		cipher: p.cipher, luks: p.luks, h: h, hasBitmapExt: h.Bitmaps != nil,
 	}
 	if m.data == nil {

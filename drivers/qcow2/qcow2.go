@@ -275,6 +275,10 @@ func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 	if opts.PassDiscardOther != nil {
 		p.passOther = *opts.PassDiscardOther
 	}
+	p.passSnap = true
+	if opts.PassDiscardSnap != nil {
+		p.passSnap = *opts.PassDiscardSnap
+	}
 	n := &node{secrets: o.Secret}
 	// Encryption.
 	var encFmt string

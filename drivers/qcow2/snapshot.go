@@ -252,9 +252,16 @@ func (n *node) DeleteSnapshot(ctx context.Context, key string) error {
 	if err := m.snapshotRefsLocked(ctx, snapL1, false, -1); err != nil {
 		return err
 	}
+	var freed []int64
 	if s.L1Size > 0 {
-		if err := m.freeNow(ctx, int64(s.L1TableOffset), int64(s.L1Size)*8); err != nil {
+		off, n := int64(s.L1TableOffset), int64(s.L1Size)*8
+		if err := m.freeNow(ctx, off, n); err != nil {
 			return err
+		}
+		for c := off >> m.g.ClusterBits; c <= (off+n-1)>>m.g.ClusterBits && m.passSnap; c++ {
+			if rc, err := m.refcount(ctx, c); err == nil && rc == 0 {
+				freed = append(freed, c)
+			}
 		}
 	}
 	m.l1mu.RLock()
@@ -266,6 +273,7 @@ func (n *node) DeleteSnapshot(ctx context.Context, key string) error {
 	if err := m.flushRefblocks2(ctx); err != nil {
 		return err
 	}
+	m.discardClusters(ctx, freed)
 	return m.refreshOverlapLocked()
 }
 
@@ -297,6 +305,18 @@ func (m *image) snapshotRefsLocked(ctx context.Context, l1 []uint64, active bool
 		}
 		return off, true, m.file.ReadAt(ctx, buf, off)
 	}
+	var freed []int64 // clusters a negative addend freed
+	dec := func(c int64) error {
+		if err := m.addRefcount(ctx, c, addend); err != nil {
+			return err
+		}
+		if addend < 0 && m.passSnap {
+			if rc, err := m.refcount(ctx, c); err == nil && rc == 0 {
+				freed = append(freed, c)
+			}
+		}
+		return nil
+	}
 	if addend != 0 {
 		for i, e := range l1 {
 			off, ok, err := readL2(i, e)
@@ -312,7 +332,7 @@ func (m *image) snapshotRefsLocked(ctx context.Context, l1 []uint64, active bool
 				case qcow2fmt.ClusterCompressed:
 					coff, size := g.Compressed(le)
 					for c := coff >> g.ClusterBits; c <= (coff+size-1)>>g.ClusterBits; c++ {
-						if err := m.addRefcount(ctx, c, addend); err != nil {
+						if err := dec(c); err != nil {
 							return err
 						}
 					}
@@ -321,18 +341,19 @@ func (m *image) snapshotRefsLocked(ctx context.Context, l1 []uint64, active bool
 					if host&(cs-1) != 0 || host == 0 {
 						return m.corruptLocked(ctx, true, -1, -1, "Cluster allocation offset %#x unaligned (L2 offset: %#x, L2 index: %#x)", host, off, j)
 					}
-					if err := m.addRefcount(ctx, host>>g.ClusterBits, addend); err != nil {
+					if err := dec(host >> g.ClusterBits); err != nil {
 						return err
 					}
 				}
 			}
-			if err := m.addRefcount(ctx, off>>g.ClusterBits, addend); err != nil {
+			if err := dec(off >> g.ClusterBits); err != nil {
 				return err
 			}
 		}
 		if err := m.flushRefblocks2(ctx); err != nil {
 			return err
 		}
+		m.discardClusters(ctx, freed)
 	}
 	// COPIED flags, on tables that are still in use.
 	next := slices.Clone(l1)
@@ -533,4 +554,26 @@ func (n *node) LoadSnapshot(ctx context.Context, id, name string) error {
 	m.l1 = l1
 	m.l1mu.Unlock()
 	return nil
+}
+
+// discardClusters passes discards for freed clusters to the file
+// (pass-discard-snapshot), merging neighbours; the refcounts are stable.
+// Errors are ignored: a discard is a hint.
+func (m *image) discardClusters(ctx context.Context, cs []int64) {
+	slices.Sort(cs)
+	size := m.cs()
+	for i := 0; i < len(cs); {
+		j := i + 1
+		for j < len(cs) && cs[j] <= cs[j-1]+1 {
+			j++
+		}
+		off, end := cs[i]*size, (cs[j-1]+1)*size
+		if end > m.file.Size() {
+			end = m.file.Size()
+		}
+		if end > off {
+			_ = m.file.Discard(ctx, off, end-off)
+		}
+		i = j
+	}
 }

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -267,4 +268,54 @@ func TestDowngradeWithSnapshots(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestSnapshotDeleteDiscards checks pass-discard-snapshot: deleting a
+// snapshot whose clusters nothing else uses gives their space back to the
+// file system (the default), or keeps it with the option off.
+func TestSnapshotDeleteDiscards(t *testing.T) {
+	for _, pass := range []bool{true, false} {
+		t.Run(fmt.Sprintf("pass=%v", pass), func(t *testing.T) {
+			img := filepath.Join(t.TempDir(), "d.qcow2")
+			blockdevCreate(t, img, `,"size":8388608`)
+			g, _ := newGraph(t)
+			// The file child, defined inline, gets discard=unmap by
+			// default, as in QEMU.
+			c := openQcow2(t, g, "img", img, fmt.Sprintf(`,"pass-discard-snapshot":%v`, pass))
+			sn := g.Lookup("img").Node().(snapshotter)
+			if err := c.WriteAt(t.Context(), pattern(4<<20, 1), 0, 0); err != nil {
+				t.Fatal(err)
+			}
+			if err := sn.CreateSnapshot(t.Context(), "s", time.Now()); err != nil {
+				t.Fatal(err)
+			}
+			// The snapshot keeps the old clusters; the image gets new ones.
+			if err := c.WriteAt(t.Context(), pattern(4<<20, 2), 0, 0); err != nil {
+				t.Fatal(err)
+			}
+			if err := c.Flush(t.Context()); err != nil {
+				t.Fatal(err)
+			}
+			before := allocated(t, img)
+			if err := sn.DeleteSnapshot(t.Context(), "s"); err != nil {
+				t.Fatal(err)
+			}
+			after := allocated(t, img)
+			if freed := before - after; pass && freed < 4<<20 || !pass && freed != 0 {
+				t.Fatalf("deleting the snapshot freed %d bytes of the file (%d → %d)", freed, before, after)
+			}
+			g.Close()
+			checkClean(t, img)
+		})
+	}
+}
+
+// allocated is the space a file takes on its file system.
+func allocated(t *testing.T, path string) int64 {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Blocks * 512
 }
