@@ -305,6 +305,19 @@ func (h *luks2Header) writeMeta(w io.WriterAt, m *luks2Meta) error {
 	if err := h.checkSeqid(w); err != nil {
 		return err
 	}
+	// A copy left behind (by a crash between the two copies of an earlier
+	// update) is brought up to the copy in use first: were the update now
+	// interrupted inside the primary copy, the secondary is what readers
+	// fall back to, and it must hold the last completed state, not an
+	// older one (cryptsetup recovers a stale copy before writing too).
+	if h.states != [2]CopyState{CopyOK, CopyOK} {
+		if err := h.repair(w); err != nil {
+			return err
+		}
+		if err := syncWriter(w); err != nil {
+			return err
+		}
+	}
 	b := h.bin
 	b.seqid++
 	for i := range 2 {
