@@ -107,30 +107,36 @@ func TestEncryptedAmendOnline(t *testing.T) {
 	c := openQcow2(t, g, "img", img, encOpt+`,"discard":"unmap"`)
 	am := g.Lookup("img").Node().(graph.Amender)
 	w := &workload{c: c, mirror: readAll(t, c), cs: 65536, align: 512, r: rand.New(rand.NewPCG(3, 4))}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for i := 0; i < 300; i++ {
-			w.step(t, t.Context(), i)
-		}
-	}()
-	amend := func(js string, force bool) error {
+	// The keyslot changes run beside the workload, which stays on the
+	// test goroutine (it fails the test with t.Fatal).
+	decode := func(js string) *qcow2.AmendOptions {
 		var o qcow2.AmendOptions
 		if err := qapi.Decode(testutil.Tree(t, js), false, &o); err != nil {
 			t.Fatal(err)
 		}
-		return am.Amend(t.Context(), &o, force)
+		return &o
 	}
-	if err := amend(`{"encrypt":{"format":"luks","state":"active","new-secret":"bad","iter-time":10}}`, false); err != nil {
-		t.Fatal(err)
+	add := decode(`{"encrypt":{"format":"luks","state":"active","new-secret":"bad","iter-time":10}}`)
+	erase := decode(`{"encrypt":{"format":"luks","state":"inactive","old-secret":"sec0"}}`)
+	eraseLast := decode(`{"encrypt":{"format":"luks","state":"inactive","old-secret":"bad"}}`)
+	errs := make(chan error, 3)
+	go func() {
+		errs <- am.Amend(t.Context(), add, false)
+		errs <- am.Amend(t.Context(), erase, false)
+		errs <- am.Amend(t.Context(), eraseLast, false)
+	}()
+	for i := 0; i < 300; i++ {
+		w.step(t, t.Context(), i)
 	}
-	if err := amend(`{"encrypt":{"format":"luks","state":"inactive","old-secret":"sec0"}}`, false); err != nil {
-		t.Fatal(err)
+	if err := <-errs; err != nil {
+		t.Fatalf("adding a keyslot: %v", err)
 	}
-	if err := amend(`{"encrypt":{"format":"luks","state":"inactive","old-secret":"bad"}}`, false); err == nil || !strings.Contains(err.Error(), "refusing operation") {
+	if err := <-errs; err != nil {
+		t.Fatalf("erasing the first keyslot: %v", err)
+	}
+	if err := <-errs; err == nil || !strings.Contains(err.Error(), "refusing operation") {
 		t.Fatalf("erasing the last keyslot: %v", err)
 	}
-	<-done
 	g.Close()
 	pw := filepath.Join(dir, "pw2")
 	if err := os.WriteFile(pw, []byte("wrong"), 0o600); err != nil {

@@ -24,13 +24,6 @@ import (
 // name).
 type SnapshotInfo = graph.SnapshotInfo
 
-// Snapshots lists the internal snapshots.
-func (n *node) Snapshots() ([]SnapshotInfo, error) {
-	n.metaMu.Lock()
-	defer n.metaMu.Unlock()
-	return n.snapshotInfosLocked(), nil
-}
-
 // snapshotInfosLocked describes the snapshots (nil without any). metaMu
 // is held.
 func (m *image) snapshotInfosLocked() []SnapshotInfo {
@@ -527,7 +520,7 @@ func (n *node) LoadSnapshot(ctx context.Context, id, name string) error {
 		return err
 	}
 	if !n.ro {
-		return fmt.Errorf("Device is not readonly: %w", syscall.EINVAL)
+		return &causeError{"Device is not readonly", syscall.EINVAL}
 	}
 	m := n.image
 	release, err := m.exclusive(ctx)
@@ -543,12 +536,12 @@ func (n *node) LoadSnapshot(ctx context.Context, id, name string) error {
 		}
 	}
 	if i < 0 {
-		return fmt.Errorf("Can't find snapshot: %w", syscall.ENOENT)
+		return &causeError{"Can't find snapshot", syscall.ENOENT}
 	}
 	s := m.snapshots[i]
 	l1, err := readTable(ctx, m.file, int64(s.L1TableOffset), int64(s.L1Size))
 	if err != nil {
-		return fmt.Errorf("Failed to read l1 table for snapshot: %w", err)
+		return &causeError{"Failed to read l1 table for snapshot", err}
 	}
 	m.l1mu.Lock()
 	m.l1 = l1
@@ -577,3 +570,14 @@ func (m *image) discardClusters(ctx context.Context, cs []int64) {
 		i = j
 	}
 }
+
+// causeError is an error whose text is QEMU's message alone (what
+// qemu-img prints) and whose cause, an errno or an I/O error, is kept
+// for errors.Is.
+type causeError struct {
+	msg   string
+	cause error
+}
+
+func (e *causeError) Error() string { return e.msg }
+func (e *causeError) Unwrap() error { return e.cause }

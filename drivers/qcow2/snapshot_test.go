@@ -21,7 +21,6 @@ type snapshotter interface {
 	CreateSnapshot(ctx context.Context, name string, date time.Time) error
 	ApplySnapshot(ctx context.Context, name string) error
 	DeleteSnapshot(ctx context.Context, name string) error
-	Snapshots() ([]qcow2.SnapshotInfo, error)
 	Check(ctx context.Context, fix int) (*qcow2.CheckReport, error)
 }
 
@@ -82,9 +81,9 @@ func TestSnapshots(t *testing.T) {
 				run(ops)
 			}
 			equalOrFail(t, "active", readAll(t, c), w.mirror)
-			list, err := sn.Snapshots()
-			if err != nil || len(list) != 2 || list[0].Name != "a" || list[1].ID != "2" || list[0].DateSec != 1700000000 {
-				t.Fatalf("snapshots: %+v, %v", list, err)
+			list := g.Lookup("img").Node().(graph.Infoer).Info().Snapshots
+			if len(list) != 2 || list[0].Name != "a" || list[1].ID != "2" || list[0].DateSec != 1700000000 {
+				t.Fatalf("snapshots: %+v", list)
 			}
 			g.Close()
 			checkClean(t, img)
@@ -192,9 +191,6 @@ func TestSnapshotUnderLoad(t *testing.T) {
 	equalOrFail(t, "after load", readAll(t, c), mirror)
 	g.Close()
 	checkClean(t, img)
-	if _, err := os.Stat(img); err != nil {
-		t.Fatal(err)
-	}
 }
 
 // TestDowngradeWithSnapshots turns a version 3 image with snapshots and

@@ -3,6 +3,7 @@ package blockdimg
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 
 	"blockd/drivers/qcow2"
@@ -72,9 +73,6 @@ func cmdAmend(e *env, args []string) error {
 	}
 	drv := im.bds.Driver()
 	list := amendOptsFor(format)
-	if ia, ok := im.bds.Node().(qcow2Amender); ok && list != nil {
-		return amendQcow2(e, im, ia, list, options, progress, force)
-	}
 	amender, ok := im.bds.Node().(graph.Amender)
 	if drv.AmendOptions == nil || list == nil || !ok {
 		return failf("Format driver '%s' does not support option amendment", format)
@@ -86,19 +84,37 @@ func cmdAmend(e *env, args []string) error {
 		}
 		return failf("%v", err)
 	}
-	tree := map[string]any{}
-	if err := aOpts.qapiTree(tree); err != nil {
-		return failf("%v", err)
-	}
-	if enc, ok := tree["encrypt"].(map[string]any); ok {
-		setDefault(enc, "format", "luks")
-	}
-	v := drv.AmendOptions()
-	if err := qapi.Decode(tree, false, v); err != nil {
-		return failf("%v", err)
+	var run func() error
+	if ia, ok := im.bds.Node().(qcow2Amender); ok {
+		// qemu-img's qcow2 options, plus the LUKS keyslots of an
+		// encrypted image through x-blockdev-amend's encrypt member.
+		a, encrypt, err := qcow2Amend(im, list, aOpts)
+		if err != nil {
+			return err
+		}
+		var v any
+		if encrypt {
+			if v, err = amendQAPI(drv, aOpts, "encrypt"); err != nil {
+				return failf("%v", err)
+			}
+		}
+		run = func() error {
+			if v != nil {
+				if err := amender.Amend(e.ctx, v, force); err != nil {
+					return err
+				}
+			}
+			return ia.AmendImage(e.ctx, a, force)
+		}
+	} else {
+		v, err := amendQAPI(drv, aOpts)
+		if err != nil {
+			return failf("%v", err)
+		}
+		run = func() error { return amender.Amend(e.ctx, v, force) }
 	}
 	bar := newProgress(e, progress, 100, "amend")
-	err = amender.Amend(e.ctx, v, force)
+	err = run()
 	if err == nil {
 		bar.set(100)
 	}
@@ -110,6 +126,27 @@ func cmdAmend(e *env, args []string) error {
 		return failf("%s", errno(err))
 	}
 	return nil
+}
+
+// amendQAPI decodes amend options into the driver's x-blockdev-amend
+// options; with only, just those top-level members go there.
+func amendQAPI(drv *graph.Driver, aOpts *qemuOpts, only ...string) (any, error) {
+	tree := map[string]any{}
+	if err := aOpts.qapiTree(tree); err != nil {
+		return nil, err
+	}
+	if only != nil {
+		for k := range tree {
+			if !slices.Contains(only, k) {
+				delete(tree, k)
+			}
+		}
+	}
+	if enc, ok := tree["encrypt"].(map[string]any); ok {
+		setDefault(enc, "format", "luks")
+	}
+	v := drv.AmendOptions()
+	return v, qapi.Decode(tree, false, v)
 }
 
 func (e *env) printAmendHelp(format string) error {
@@ -131,15 +168,9 @@ type qcow2Amender interface {
 	AmendImage(ctx context.Context, a *qcow2.ImageAmend, force bool) error
 }
 
-// amendQcow2 is qemu-img amend for qcow2 images.
-func amendQcow2(e *env, im *image, ia qcow2Amender, list []optDesc, options string, progress, force bool) error {
-	aOpts := newOpts(list)
-	if err := aOpts.parse(options); err != nil {
-		if cOpts, cerr := e.formatOpts("qcow2"); cerr == nil && cOpts.parse(options) == nil {
-			return failf("%v\nThis option is only supported for image creation", err)
-		}
-		return failf("%v", err)
-	}
+// qcow2Amend reads qemu-img's qcow2 amend options (qcow2_amend_options)
+// and reports whether LUKS keyslot options are among them.
+func qcow2Amend(im *image, list []optDesc, aOpts *qemuOpts) (*qcow2.ImageAmend, bool, error) {
 	var a qcow2.ImageAmend
 	encrypt := false
 	// In the order of the option list, as QEMU checks them.
@@ -156,7 +187,7 @@ func amendQcow2(e *env, im *image, ia qcow2Amender, list []optDesc, options stri
 			case "1.1", "v3":
 				a.Version = 3
 			default:
-				return failf("Unknown compatibility level %s", v.str)
+				return nil, false, failf("Unknown compatibility level %s", v.str)
 			}
 		case d.name == "size":
 			a.Size = int64(v.num)
@@ -166,7 +197,7 @@ func amendQcow2(e *env, im *image, ia qcow2Amender, list []optDesc, options stri
 			a.BackingFormat = &v.str
 		case strings.HasPrefix(d.name, "encrypt."):
 			if !im.bds.ImageInfo(false).Encrypted {
-				return failf("Can't amend encryption options - encryption not present")
+				return nil, false, failf("Can't amend encryption options - encryption not present")
 			}
 			encrypt = true
 		case d.name == "lazy_refcounts":
@@ -174,7 +205,7 @@ func amendQcow2(e *env, im *image, ia qcow2Amender, list []optDesc, options stri
 		case d.name == "refcount_bits":
 			a.RefcountBits = int(v.num)
 			if v.num == 0 || v.num > 64 || v.num&(v.num-1) != 0 {
-				return failf("Refcount width must be a power of two and may not exceed 64 bits")
+				return nil, false, failf("Refcount width must be a power of two and may not exceed 64 bits")
 			}
 		case d.name == "data_file":
 			a.DataFile = &v.str
@@ -182,37 +213,5 @@ func amendQcow2(e *env, im *image, ia qcow2Amender, list []optDesc, options stri
 			a.DataFileRaw = &v.b
 		}
 	}
-	bar := newProgress(e, progress, 100, "amend")
-	var err error
-	if encrypt {
-		// The keyslots of the image's LUKS header, through x-blockdev-amend's
-		// options.
-		tree := map[string]any{}
-		if err := aOpts.qapiTree(tree); err != nil {
-			return failf("%v", err)
-		}
-		enc, _ := tree["encrypt"].(map[string]any)
-		setDefault(enc, "format", "luks")
-		var ao qcow2.AmendOptions
-		if err := qapi.Decode(map[string]any{"encrypt": enc}, false, &ao); err != nil {
-			return failf("%v", err)
-		}
-		if am, ok := im.bds.Node().(graph.Amender); ok {
-			err = am.Amend(e.ctx, &ao, force)
-		}
-	}
-	if err == nil {
-		err = ia.AmendImage(e.ctx, &a, force)
-	}
-	if err == nil {
-		bar.set(100)
-	}
-	bar.finish()
-	if err != nil {
-		return failf("%v", err)
-	}
-	if err := im.blk.Flush(e.ctx); err != nil {
-		return failf("%s", errno(err))
-	}
-	return nil
+	return &a, encrypt, nil
 }

@@ -14,7 +14,7 @@ import (
 // matching method on its node. Methods whose results are structs are
 // matched by shape (field names are QEMU's BdrvCheckResult and
 // QEMUSnapshotInfo members in Go spelling), so a driver need not import
-// this package.
+// this package. Snapshots are listed from graph.ImageInfo.Snapshots.
 
 // hostMapper: HostOffset returns where guest range [off, off+n) of the
 // node starts in its file (or data-file) child, how much of the range is
@@ -74,24 +74,10 @@ func formatSnapshots(im *image) snapshotOps {
 	}
 	n := im.bds.Node()
 	ctx := im.e.ctx
-	if m := reflect.ValueOf(n).MethodByName("Snapshots"); m.IsValid() && m.Type().NumIn() == 0 &&
-		m.Type().NumOut() >= 1 && m.Type().Out(0).Kind() == reflect.Slice {
-		ops.list = func() ([]SnapshotInfo, error) {
-			out := m.Call(nil)
-			if len(out) == 2 {
-				if e, _ := out[1].Interface().(error); e != nil {
-					return nil, e
-				}
-			}
-			list := []SnapshotInfo{}
-			for i := 0; i < out[0].Len(); i++ {
-				var s SnapshotInfo
-				fillByName(out[0].Index(i), &s)
-				list = append(list, s)
-			}
-			return list, nil
-		}
-	}
+	// The list is what the node reports in its image info (the graph's
+	// SnapshotInfo, as query-named-block-nodes shows it).
+	b := im.bds
+	ops.list = func() ([]SnapshotInfo, error) { return b.ImageInfo(false).Snapshots, nil }
 	if c, ok := n.(snapshotCreator); ok {
 		ops.create = func(name string, date time.Time) error { return c.CreateSnapshot(ctx, name, date) }
 	}

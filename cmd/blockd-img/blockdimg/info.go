@@ -11,17 +11,8 @@ import (
 	"blockd/internal/qapi"
 )
 
-// SnapshotInfo is QEMU's SnapshotInfo.
-type SnapshotInfo struct {
-	ID          string `json:"id"`
-	Name        string `json:"name"`
-	VMStateSize int64  `json:"vm-state-size"`
-	DateSec     int64  `json:"date-sec"`
-	DateNsec    int64  `json:"date-nsec"`
-	VMClockSec  int64  `json:"vm-clock-sec"`
-	VMClockNsec int64  `json:"vm-clock-nsec"`
-	Icount      *int64 `json:"icount,omitempty"`
-}
+// SnapshotInfo is QEMU's SnapshotInfo, as the graph reports it.
+type SnapshotInfo = graph.SnapshotInfo
 
 // ImageInfo is QEMU 7.2's ImageInfo, members in QAPI order (the JSON
 // encoder puts them in QEMU's QDict order).

@@ -166,11 +166,7 @@ func (sp snapshotSpec) load(e *env, im *image) error {
 		}
 	}
 	if err != nil {
-		msg := err.Error()
-		if i := strings.LastIndex(msg, ": "); i >= 0 && errors.Unwrap(err) != nil {
-			msg = msg[:i]
-		}
-		return failf("Failed to load snapshot: %s", msg)
+		return failf("Failed to load snapshot: %v", err)
 	}
 	return nil
 }
