@@ -154,9 +154,11 @@ func ratioCell(x float64) string {
 
 func (r *Row) cells(peers []Daemon, spreads, bold bool) []string {
 	unit := r.Metric.Unit
-	if r.Metric.LowerBetter {
+	switch {
+	case r.Metric.Info:
+	case r.Metric.LowerBetter:
 		unit += " ↓"
-	} else {
+	default:
 		unit += " ↑"
 	}
 	c := []string{r.Config, r.Metric.Label, unit}
@@ -171,7 +173,7 @@ func (r *Row) cells(peers []Daemon, spreads, bold bool) []string {
 	}
 	for _, d := range others(peers) {
 		x := ratioCell(r.RatioTo(d))
-		if bold && x != "—" {
+		if bold && x != "—" && !r.Metric.Info {
 			x = "**" + x + "**"
 		}
 		c = append(c, x)

@@ -55,6 +55,8 @@ type Metric struct {
 	Name, Label string
 	Unit        string
 	LowerBetter bool
+	// Info rows are context, not a contest: no arrow, ratios not in bold.
+	Info bool
 	// CPUUnit is the unit of the server CPU column ("" when none).
 	CPUUnit string
 }
@@ -70,6 +72,12 @@ func throughputMetric(w *Workload) *Metric {
 	default:
 		return &Metric{Name: w.Name, Label: w.Label, Unit: "MiB/s", CPUUnit: "CPU ms/GiB"}
 	}
+}
+
+// clientCPUMetric is fio's own CPU use, summed over its jobs (connections):
+// near 100 % per job, the client and not the server bounds the row.
+func clientCPUMetric(w *Workload) *Metric {
+	return &Metric{Name: w.Name + "-client", Label: w.Label + ", client (fio) CPU", Unit: "% of a core", Info: true}
 }
 
 func latencyMetric(w *Workload) *Metric {
@@ -156,6 +164,7 @@ func (r *runner) runWorkload(c *Config, w *Workload, d Daemon, p *process, rep i
 	if j.bs < 64<<10 {
 		r.res.add(c.Name, m, d, sample{st.IOPS / 1000, cpu / ios * 1e6})
 		r.res.add(c.Name, latencyMetric(w), d, sample{st.P99 / 1000, 0})
+		r.res.add(c.Name, clientCPUMetric(w), d, sample{st.ClientCPU * float64(j.jobs), 0})
 	} else {
 		gib := float64(st.BW) * window.Seconds() / (1 << 30)
 		r.res.add(c.Name, m, d, sample{float64(st.BW) / (1 << 20), cpu / gib * 1000})
@@ -216,6 +225,9 @@ type fioStats struct {
 	IOPS float64
 	BW   int64   // bytes/s
 	P99  float64 // completion latency, ns
+	// ClientCPU is fio's user+system time over the run, in % of one core
+	// per job (group_reporting averages the jobs).
+	ClientCPU float64
 }
 
 func parseFio(out []byte, rw string) (fioStats, error) {
@@ -224,7 +236,9 @@ func parseFio(out []byte, rw string) (fioStats, error) {
 	}
 	var v struct {
 		Jobs []struct {
-			Error       int `json:"error"`
+			Error       int     `json:"error"`
+			UsrCPU      float64 `json:"usr_cpu"`
+			SysCPU      float64 `json:"sys_cpu"`
 			Read, Write struct {
 				IOPS    float64 `json:"iops"`
 				BW      int64   `json:"bw_bytes"`
@@ -252,7 +266,7 @@ func parseFio(out []byte, rw string) (fioStats, error) {
 	if s.TotalIO == 0 {
 		return fioStats{}, errors.New("no I/O done")
 	}
-	return fioStats{IOPS: s.IOPS, BW: s.BW, P99: s.Clat.Percentile["99.000000"]}, nil
+	return fioStats{IOPS: s.IOPS, BW: s.BW, P99: s.Clat.Percentile["99.000000"], ClientCPU: j.UsrCPU + j.SysCPU}, nil
 }
 
 // runNbdcopy copies the whole export to null: with nbdcopy's defaults

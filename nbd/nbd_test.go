@@ -877,6 +877,117 @@ func TestDisconnectMidRequest(t *testing.T) {
 	}
 }
 
+// gateNode blocks reads at offset 0 until gate closes, and makes every
+// read take delay; it records the most reads seen in progress at once.
+type gateNode struct {
+	*graph.MemNode
+	gate    chan struct{}
+	entered chan struct{}
+	delay   time.Duration
+	mu      sync.Mutex
+	now     int
+	most    int
+}
+
+func (g *gateNode) ReadAt(ctx context.Context, p []byte, off int64) error {
+	g.mu.Lock()
+	g.now++
+	g.most = max(g.most, g.now)
+	g.mu.Unlock()
+	defer func() {
+		g.mu.Lock()
+		g.now--
+		g.mu.Unlock()
+	}()
+	if off == 0 && g.gate != nil {
+		g.entered <- struct{}{}
+		select {
+		case <-g.gate:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	time.Sleep(g.delay)
+	return g.MemNode.ReadAt(ctx, p, off)
+}
+
+// TestStalledRequestHandsOverReading: small requests are served by the
+// connection's reader itself; one that does not finish must not hold up
+// the requests sent after it, and its reply still comes once it is done.
+func TestStalledRequestHandsOverReading(t *testing.T) {
+	for _, md := range allModes {
+		t.Run(md.name, func(t *testing.T) {
+			g := &gateNode{MemNode: graph.NewMemNode(mib), gate: make(chan struct{}), entered: make(chan struct{}, 1)}
+			data := pattern(mib, 9)
+			g.MemNode.WriteAt(context.Background(), data, 0, 0)
+			_, addr := startServer(t, Options{}, &Export{Name: "g", Node: g})
+			c := connect(t, addr, "g", md.f)
+			col := &collector{c: c, partial: map[uint64]*reply{}}
+			stuck := c.send(cmdRead, 0, 0, 4096, nil)
+			<-g.entered
+			for i := range 40 {
+				off := uint64(i+1) * 8192
+				var want []byte
+				var ck uint64
+				if i%2 == 0 {
+					ck = c.send(cmdRead, 0, off, 4096, nil)
+					want = data[off : off+4096]
+				} else {
+					w := pattern(4096, byte(i))
+					copy(data[off:], w)
+					ck = c.send(cmdWrite, 0, off, 4096, w)
+				}
+				r, err := col.next()
+				if err != nil || r.errno != 0 {
+					t.Fatalf("request %d behind a stalled one: %+v %v", i, r, err)
+				}
+				if r.cookie != ck {
+					t.Fatalf("reply for cookie %d, want %d (the stalled request is %d)", r.cookie, ck, stuck)
+				}
+				if want != nil && !bytes.Equal(r.data, want) {
+					t.Fatalf("read %d: wrong data", i)
+				}
+			}
+			close(g.gate)
+			r, err := col.next()
+			if err != nil || r.errno != 0 || r.cookie != stuck || !bytes.Equal(r.data, data[:4096]) {
+				t.Fatalf("stalled request's reply: %+v %v", r, err)
+			}
+			if got := g.MemNode.Bytes(); !bytes.Equal(got, data) {
+				t.Fatal("writes behind the stalled read not done")
+			}
+			c.disc()
+		})
+	}
+}
+
+// TestSlowNodeServedInParallel: once requests take long, a connection
+// serves them on its workers, in parallel, rather than one after another
+// on its reader.
+func TestSlowNodeServedInParallel(t *testing.T) {
+	g := &gateNode{MemNode: graph.NewMemNode(mib), delay: 5 * time.Millisecond}
+	_, addr := startServer(t, Options{MaxInFlight: 8}, &Export{Name: "g", Node: g})
+	c := connect(t, addr, "g", features{structured: true})
+	col := &collector{c: c, partial: map[uint64]*reply{}}
+	for round := range 3 {
+		for i := range 8 {
+			c.send(cmdRead, 0, uint64(i)*4096, 4096, nil)
+		}
+		for range 8 {
+			if r, err := col.next(); err != nil || r.errno != 0 {
+				t.Fatalf("round %d: %+v %v", round, r, err)
+			}
+		}
+	}
+	g.mu.Lock()
+	most := g.most
+	g.mu.Unlock()
+	if most < 4 {
+		t.Fatalf("at most %d slow reads in progress at once, want the workers to serve them in parallel", most)
+	}
+	c.disc()
+}
+
 // TestDiscWaitsForInflight: writes sent right before NBD_CMD_DISC are all
 // performed and answered before the server closes.
 func TestDiscWaitsForInflight(t *testing.T) {

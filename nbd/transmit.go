@@ -7,14 +7,18 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"syscall"
+	"time"
 
 	"blockd/graph"
 )
 
-// The transmission phase runs on three kinds of goroutines per connection:
+// The transmission phase runs on three kinds of goroutines per connection
+// (and the reader serves small, fast requests itself: see inlineBelow):
 //
 //   - the reader (the connection's own goroutine) reads and validates
 //     requests, reads WRITE payloads into pooled buffers and hands each
@@ -32,6 +36,20 @@ import (
 // is only queued once its I/O is complete, so no header is ever sent
 // before its data is known to be good.
 
+// Small requests that recently took less than inlineBelow to serve are
+// served by the reader itself, and their replies are sent when the reader
+// finds no more requests waiting: handing such a request to a worker and
+// its reply to the writer costs more than the work (two goroutine wake-ups
+// and often one more system call), and one write then carries the replies
+// of a whole burst. Larger requests, and all of them on a slow node (a
+// disk, a network backend), go to the workers, so that one request waiting
+// for I/O never holds up the connection.
+const (
+	inlineMaxLen  = 64 << 10
+	inlineBelow   = 20 * time.Microsecond
+	takeoverAfter = 2 * time.Millisecond
+)
+
 // sparseReadMin is the smallest READ for which block status is consulted
 // to send hole chunks; for smaller reads one data chunk is cheaper.
 const sparseReadMin = 64 << 10
@@ -43,9 +61,21 @@ type txState struct {
 	work    chan *request // validated requests for the workers
 	replies chan *request // finished requests for the writer
 	rhdr    [extRequestSize]byte
-	whdr    [64]byte     // writer scratch
-	werr    error        // first write error; writer only
+	wmu     sync.Mutex   // guards bw, whdr and werr
+	whdr    [64]byte     // reply encoding scratch
+	werr    error        // first write error
 	busy    atomic.Int32 // requests handed to workers and not yet replied
+	unsent  bool         // reader only: it encoded replies not yet flushed
+	svc     atomic.Int64 // moving average of inlinable requests' service time, ns
+
+	// Inline service (serveInline).
+	active    sync.WaitGroup // workers, and goroutines left serving a request by a takeover
+	readDone  chan readResult
+	watch     *time.Timer
+	armed     atomic.Bool
+	epoch     time.Time
+	serving   atomic.Int64 // start of the request the reader serves (ns since epoch), or 0
+	lastServe int64        // reader only
 }
 
 // request is one request and, once handled, its reply.
@@ -54,6 +84,8 @@ type request struct {
 	cookie     uint64
 	off        uint64
 	length     uint64 // effect length (or payload length for WRITE)
+
+	timed bool // inlinable but sent to a worker: measure its service time
 
 	bufp *[]byte // pooled buffer (WRITE payload or READ data)
 	buf  []byte
@@ -83,7 +115,13 @@ func (r *request) fail(errno uint32, msg string) {
 func (c *conn) transmit() {
 	n := c.srv.opts.MaxInFlight
 	t := &c.tx
-	t.br = bufio.NewReaderSize(c.nc, 64<<10)
+	rr := &reqReader{c: c}
+	if sc, ok := c.nc.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			rr.rc = rc
+		}
+	}
+	t.br = bufio.NewReaderSize(rr, 64<<10)
 	t.bw = bufio.NewWriterSize(c.nc, 64<<10)
 	t.free = make(chan *request, n)
 	t.work = make(chan *request, n)
@@ -91,13 +129,24 @@ func (c *conn) transmit() {
 	for range n {
 		t.free <- &request{}
 	}
-	var workers, writer sync.WaitGroup
-	workers.Add(n)
+	t.readDone = make(chan readResult, 1)
+	t.epoch = time.Now()
+	t.watch = time.AfterFunc(time.Hour, c.watchInline)
+	t.watch.Stop()
+	defer t.watch.Stop()
+	var writer sync.WaitGroup
+	t.active.Add(n)
 	for range n {
 		go func() {
-			defer workers.Done()
+			defer t.active.Done()
 			for r := range t.work {
-				c.handle(r)
+				if r.timed {
+					start := time.Now()
+					c.handle(r)
+					t.observe(time.Since(start))
+				} else {
+					c.handle(r)
+				}
 				t.busy.Add(-1)
 				t.replies <- r
 			}
@@ -109,12 +158,9 @@ func (c *conn) transmit() {
 		c.writer()
 	}()
 
-	graceful, err := c.readLoop()
-	if !graceful {
-		// A hard disconnect: cancel in-flight work; replies cannot be
-		// delivered anyway.
-		c.cancel()
-	}
+	c.reader()
+	res := <-t.readDone // from this goroutine's reader, or the last one after takeovers
+	graceful, err := res.graceful, res.err
 	// The reader is done, so nothing more is queued for the workers. Once
 	// they have finished, the node is no longer used and the client leaves
 	// the export, before its socket is closed: a client that has seen the
@@ -123,7 +169,7 @@ func (c *conn) transmit() {
 	// workers never block on the writer (replies has room for every
 	// request), so this does not wait for a client that stopped reading.
 	close(t.work)
-	workers.Wait()
+	t.active.Wait()
 	c.srv.detach(c, c.exp)
 	if !graceful {
 		c.raw.Close() // also unblocks a writer stuck on a dead client
@@ -214,9 +260,210 @@ func (c *conn) readLoop() (graceful bool, err error) {
 			t.replies <- r
 			continue
 		}
+		if c.inlinable(r) {
+			if time.Duration(t.svc.Load()) < inlineBelow {
+				if !c.serveInline(r) {
+					return false, errHandedOff
+				}
+				continue
+			}
+			r.timed = true
+		}
 		t.busy.Add(1)
 		t.work <- r
 	}
+}
+
+// inlinable reports whether r is of a kind the reader may serve itself:
+// a small READ or WRITE without FUA, or BLOCK_STATUS.
+func (c *conn) inlinable(r *request) bool {
+	switch r.typ {
+	case cmdRead, cmdWrite:
+		return r.length <= inlineMaxLen && r.flags&cmdFlagFUA == 0
+	case cmdBlockStatus:
+		return true
+	}
+	return false
+}
+
+// observe folds the service time of an inlinable request into the
+// connection's moving average (1/4 weight for the new sample). Workers
+// and the reader update it without a lock; a lost update only delays the
+// switch between inline and worker service by a request.
+func (t *txState) observe(d time.Duration) {
+	old := t.svc.Load()
+	t.svc.Store(old + (int64(d)-old)/4)
+}
+
+// errHandedOff ends a readLoop whose goroutine was left serving a request
+// while another goroutine took over reading.
+var errHandedOff = errors.New("reading handed over")
+
+// serveInline serves r on the reader. A request that takes longer than
+// takeoverAfter (a node that has become slow, or a request waiting for
+// something) must not hold up the requests behind it: the watch timer
+// then starts another goroutine that goes on reading, and serveInline
+// returns false once r is done and answered.
+func (c *conn) serveInline(r *request) bool {
+	t := &c.tx
+	start := time.Now()
+	s := int64(start.Sub(t.epoch))
+	if s <= t.lastServe {
+		s = t.lastServe + 1
+	}
+	t.lastServe = s
+	t.serving.Store(s)
+	if !t.armed.Load() {
+		t.armed.Store(true)
+		t.watch.Reset(takeoverAfter)
+	}
+	c.handle(r)
+	t.observe(time.Since(start))
+	if !t.serving.CompareAndSwap(s, 0) {
+		// Another goroutine reads now; this one only answers.
+		t.wmu.Lock()
+		if t.werr == nil {
+			err := c.writeReply(r)
+			if err == nil {
+				err = t.bw.Flush()
+			}
+			if err != nil {
+				c.writeFailed(err)
+			}
+		}
+		t.wmu.Unlock()
+		c.recycle(r)
+		t.active.Done()
+		return false
+	}
+	c.sendInline(r)
+	return true
+}
+
+// watchInline runs on the watch timer: if the reader has been serving one
+// request for takeoverAfter, another goroutine takes over reading.
+func (c *conn) watchInline() {
+	t := &c.tx
+	t.armed.Store(false)
+	s := t.serving.Load()
+	if s == 0 {
+		return
+	}
+	if d := takeoverAfter - (time.Since(t.epoch) - time.Duration(s)); d > 0 {
+		t.armed.Store(true)
+		t.watch.Reset(d)
+		return
+	}
+	if !t.serving.CompareAndSwap(s, 0) {
+		return // finished meanwhile
+	}
+	t.svc.Store(int64(takeoverAfter)) // serve the next requests on workers
+	t.active.Add(1)                   // the goroutine left with its request
+	go c.reader()
+}
+
+// reader runs the read loop and, unless it handed reading over, reports how
+// the connection ended.
+func (c *conn) reader() {
+	graceful, err := c.readLoop()
+	if err == errHandedOff {
+		return
+	}
+	if !graceful {
+		// A hard disconnect: cancel in-flight work; replies cannot be
+		// delivered anyway.
+		c.cancel()
+	}
+	c.tx.readDone <- readResult{graceful, err}
+}
+
+type readResult struct {
+	graceful bool
+	err      error
+}
+
+// sendInline encodes the reply of a request the reader served itself; it
+// is flushed before the reader next waits for the client.
+func (c *conn) sendInline(r *request) {
+	t := &c.tx
+	t.wmu.Lock()
+	if t.werr == nil {
+		if err := c.writeReply(r); err != nil {
+			c.writeFailed(err)
+		}
+	}
+	t.wmu.Unlock()
+	t.unsent = true
+	c.recycle(r)
+}
+
+// flushUnsent sends the replies the reader encoded itself.
+func (c *conn) flushUnsent() {
+	t := &c.tx
+	t.unsent = false
+	t.wmu.Lock()
+	if t.werr == nil && t.bw.Buffered() > 0 {
+		if err := t.bw.Flush(); err != nil {
+			c.writeFailed(err)
+		}
+	}
+	t.wmu.Unlock()
+}
+
+// reqReader is what the reader's bufio.Reader reads from. Replies the
+// reader served itself are flushed only when no further request bytes are
+// waiting on the socket: a burst of requests is answered with one write,
+// and a client waiting for its replies before sending more is never kept
+// waiting.
+type reqReader struct {
+	c  *conn
+	rc syscall.RawConn // nil when the connection is TLS
+}
+
+func (rr *reqReader) Read(p []byte) (int, error) {
+	c := rr.c
+	if !c.tx.unsent {
+		return rr.read(p, true)
+	}
+	if rr.rc != nil {
+		if n, err := rr.read(p, false); n > 0 || err != errWouldBlock {
+			return n, err
+		}
+	}
+	c.flushUnsent()
+	return rr.read(p, true)
+}
+
+var errWouldBlock = errors.New("would block")
+
+// read reads from the socket, waiting for data when wait is set, or
+// returning errWouldBlock at once when there is none.
+func (rr *reqReader) read(p []byte, wait bool) (int, error) {
+	if rr.rc == nil {
+		return rr.c.nc.Read(p)
+	}
+	var n int
+	var serr error
+	err := rr.rc.Read(func(fd uintptr) bool {
+		for {
+			n, serr = syscall.Read(int(fd), p)
+			if serr != syscall.EINTR {
+				break
+			}
+		}
+		return !wait || serr != syscall.EAGAIN
+	})
+	switch {
+	case err != nil:
+		return 0, err
+	case serr == syscall.EAGAIN:
+		return 0, errWouldBlock
+	case serr != nil:
+		return 0, os.NewSyscallError("read", serr)
+	case n == 0 && len(p) > 0:
+		return 0, io.EOF
+	}
+	return n, nil
 }
 
 // validate checks a request against the export and the negotiation. The
@@ -567,6 +814,7 @@ func (c *conn) blockStatus(r *request) error {
 
 // recycle returns a request to the free list.
 func (c *conn) recycle(r *request) {
+	r.timed = false
 	putBuf(r.bufp)
 	r.bufp, r.buf = nil, nil
 	r.errno, r.msg = 0, ""
@@ -602,20 +850,24 @@ func (c *conn) writer() {
 				default:
 				}
 			}
+			t.wmu.Lock()
 			if t.werr == nil && t.bw.Buffered() > 0 {
 				if err := t.bw.Flush(); err != nil {
 					c.writeFailed(err)
 				}
 			}
+			t.wmu.Unlock()
 			r, ok = <-t.replies
 		}
 	got:
+		t.wmu.Lock()
 		if !ok {
 			if t.werr == nil {
 				if err := t.bw.Flush(); err != nil {
 					c.writeFailed(err)
 				}
 			}
+			t.wmu.Unlock()
 			return
 		}
 		if t.werr == nil {
@@ -623,11 +875,13 @@ func (c *conn) writer() {
 				c.writeFailed(err)
 			}
 		}
+		t.wmu.Unlock()
 		c.recycle(r)
 	}
 }
 
 // writeFailed records a write error and disconnects: the reader fails next.
+// The caller holds wmu.
 func (c *conn) writeFailed(err error) {
 	c.tx.werr = err
 	c.cancel()
