@@ -115,13 +115,7 @@ func (r *request) fail(errno uint32, msg string) {
 func (c *conn) transmit() {
 	n := c.srv.opts.MaxInFlight
 	t := &c.tx
-	rr := &reqReader{c: c}
-	if sc, ok := c.nc.(syscall.Conn); ok {
-		if rc, err := sc.SyscallConn(); err == nil {
-			rr.rc = rc
-		}
-	}
-	t.br = bufio.NewReaderSize(rr, 64<<10)
+	t.br = bufio.NewReaderSize(newReqReader(c), 64<<10)
 	t.bw = bufio.NewWriterSize(c.nc, 64<<10)
 	t.free = make(chan *request, n)
 	t.work = make(chan *request, n)
@@ -414,10 +408,32 @@ func (c *conn) flushUnsent() {
 // reader served itself are flushed only when no further request bytes are
 // waiting on the socket: a burst of requests is answered with one write,
 // and a client waiting for its replies before sending more is never kept
-// waiting.
+// waiting. Looking costs a read system call that finds nothing when the
+// client sends one request at a time, so after two such misses in a row
+// the reader only looks again every 16th time.
 type reqReader struct {
-	c  *conn
-	rc syscall.RawConn // nil when the connection is TLS
+	c      *conn
+	rc     syscall.RawConn // nil when the connection is TLS
+	misses int
+
+	// State of one rc.Read call (fn is rr.rawRead, bound once so that a
+	// read does not allocate).
+	fn   func(fd uintptr) bool
+	p    []byte
+	n    int
+	serr error
+	wait bool
+}
+
+func newReqReader(c *conn) *reqReader {
+	rr := &reqReader{c: c}
+	if sc, ok := c.nc.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			rr.rc = rc
+			rr.fn = rr.rawRead
+		}
+	}
+	return rr
 }
 
 func (rr *reqReader) Read(p []byte) (int, error) {
@@ -425,10 +441,13 @@ func (rr *reqReader) Read(p []byte) (int, error) {
 	if !c.tx.unsent {
 		return rr.read(p, true)
 	}
-	if rr.rc != nil {
-		if n, err := rr.read(p, false); n > 0 || err != errWouldBlock {
+	if rr.rc != nil && (rr.misses < 2 || rr.misses%16 == 0) {
+		n, err := rr.read(p, false)
+		if n > 0 || err != errWouldBlock {
+			rr.misses = 0
 			return n, err
 		}
+		rr.misses++
 	}
 	c.flushUnsent()
 	return rr.read(p, true)
@@ -442,17 +461,10 @@ func (rr *reqReader) read(p []byte, wait bool) (int, error) {
 	if rr.rc == nil {
 		return rr.c.nc.Read(p)
 	}
-	var n int
-	var serr error
-	err := rr.rc.Read(func(fd uintptr) bool {
-		for {
-			n, serr = syscall.Read(int(fd), p)
-			if serr != syscall.EINTR {
-				break
-			}
-		}
-		return !wait || serr != syscall.EAGAIN
-	})
+	rr.p, rr.wait = p, wait
+	err := rr.rc.Read(rr.fn)
+	n, serr := rr.n, rr.serr
+	rr.p, rr.serr = nil, nil
 	switch {
 	case err != nil:
 		return 0, err
@@ -464,6 +476,16 @@ func (rr *reqReader) read(p []byte, wait bool) (int, error) {
 		return 0, io.EOF
 	}
 	return n, nil
+}
+
+func (rr *reqReader) rawRead(fd uintptr) bool {
+	for {
+		rr.n, rr.serr = syscall.Read(int(fd), rr.p)
+		if rr.serr != syscall.EINTR {
+			break
+		}
+	}
+	return !rr.wait || rr.serr != syscall.EAGAIN
 }
 
 // validate checks a request against the export and the negotiation. The
