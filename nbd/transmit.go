@@ -20,7 +20,8 @@ import (
 // The transmission phase runs on three kinds of goroutines per connection
 // (and the reader serves small, fast requests itself: see inlineBelow):
 //
-//   - the reader (the connection's own goroutine) reads and validates
+//   - the reader (the connection's own goroutine, or the one that took
+//     over reading from it: see serveInline) reads and validates
 //     requests, reads WRITE payloads into pooled buffers and hands each
 //     request to a worker, or straight to the writer when it fails
 //     validation;
@@ -315,22 +316,12 @@ func (c *conn) serveInline(r *request) bool {
 	t.observe(time.Since(start))
 	if !t.serving.CompareAndSwap(s, 0) {
 		// Another goroutine reads now; this one only answers.
-		t.wmu.Lock()
-		if t.werr == nil {
-			err := c.writeReply(r)
-			if err == nil {
-				err = t.bw.Flush()
-			}
-			if err != nil {
-				c.writeFailed(err)
-			}
-		}
-		t.wmu.Unlock()
-		c.recycle(r)
+		c.send(r, true)
 		t.active.Done()
 		return false
 	}
-	c.sendInline(r)
+	c.send(r, false)
+	t.unsent = true // flushed before the reader next waits for the client
 	return true
 }
 
@@ -376,25 +367,28 @@ type readResult struct {
 	err      error
 }
 
-// sendInline encodes the reply of a request the reader served itself; it
-// is flushed before the reader next waits for the client.
-func (c *conn) sendInline(r *request) {
+// send encodes r's reply, flushing it at once when flush is set, and
+// recycles r. The reader, the writer and a goroutine left serving a
+// request after a takeover all send through it.
+func (c *conn) send(r *request, flush bool) {
 	t := &c.tx
 	t.wmu.Lock()
 	if t.werr == nil {
-		if err := c.writeReply(r); err != nil {
+		err := c.writeReply(r)
+		if err == nil && flush {
+			err = t.bw.Flush()
+		}
+		if err != nil {
 			c.writeFailed(err)
 		}
 	}
 	t.wmu.Unlock()
-	t.unsent = true
 	c.recycle(r)
 }
 
-// flushUnsent sends the replies the reader encoded itself.
-func (c *conn) flushUnsent() {
+// flush sends the encoded replies.
+func (c *conn) flush() {
 	t := &c.tx
-	t.unsent = false
 	t.wmu.Lock()
 	if t.werr == nil && t.bw.Buffered() > 0 {
 		if err := t.bw.Flush(); err != nil {
@@ -402,6 +396,12 @@ func (c *conn) flushUnsent() {
 		}
 	}
 	t.wmu.Unlock()
+}
+
+// flushUnsent sends the replies the reader encoded itself.
+func (c *conn) flushUnsent() {
+	c.tx.unsent = false
+	c.flush()
 }
 
 // reqReader is what the reader's bufio.Reader reads from. Replies the
@@ -872,33 +872,15 @@ func (c *conn) writer() {
 				default:
 				}
 			}
-			t.wmu.Lock()
-			if t.werr == nil && t.bw.Buffered() > 0 {
-				if err := t.bw.Flush(); err != nil {
-					c.writeFailed(err)
-				}
-			}
-			t.wmu.Unlock()
+			c.flush()
 			r, ok = <-t.replies
 		}
 	got:
-		t.wmu.Lock()
 		if !ok {
-			if t.werr == nil {
-				if err := t.bw.Flush(); err != nil {
-					c.writeFailed(err)
-				}
-			}
-			t.wmu.Unlock()
+			c.flush()
 			return
 		}
-		if t.werr == nil {
-			if err := c.writeReply(r); err != nil {
-				c.writeFailed(err)
-			}
-		}
-		t.wmu.Unlock()
-		c.recycle(r)
+		c.send(r, false)
 	}
 }
 

@@ -224,31 +224,28 @@ func TestDowngradeWithSnapshots(t *testing.T) {
 					step++
 				}
 			}
+			// Zero writes without unmap keep their clusters (zero flags
+			// on allocated clusters, some shared).
+			zeroSome := func(n int64) {
+				for i := 0; i < 8; i++ {
+					off := int64(w.r.IntN(size/4096)) * 4096
+					if err := c.WriteZeroes(t.Context(), off, n, 0); err != nil {
+						t.Fatal(err)
+					}
+					clear(w.mirror[off : off+n])
+				}
+			}
 			saved := map[string][]byte{}
 			for _, name := range []string{"a", "b"} {
 				run(scaled(300, 120))
-				// Zero writes without unmap keep their clusters (zero
-				// flags on allocated clusters, some shared).
-				for i := 0; i < 8; i++ {
-					off := int64(w.r.IntN(size/4096)) * 4096
-					if err := c.WriteZeroes(t.Context(), off, 8192, 0); err != nil {
-						t.Fatal(err)
-					}
-					clear(w.mirror[off : off+8192])
-				}
+				zeroSome(8192)
 				if err := node.(snapshotter).CreateSnapshot(t.Context(), name, time.Now()); err != nil {
 					t.Fatal(err)
 				}
 				saved[name] = slices.Clone(w.mirror)
 			}
 			run(scaled(200, 80))
-			for i := 0; i < 8; i++ {
-				off := int64(w.r.IntN(size/4096)) * 4096
-				if err := c.WriteZeroes(t.Context(), off, 4096, 0); err != nil {
-					t.Fatal(err)
-				}
-				clear(w.mirror[off : off+4096])
-			}
+			zeroSome(4096)
 			if err := node.(imageAmender).AmendImage(t.Context(), &qcow2.ImageAmend{Version: 2}, false); err != nil {
 				t.Fatal(err)
 			}
