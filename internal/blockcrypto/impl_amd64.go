@@ -57,7 +57,9 @@ func xgetbv() (eax, edx uint32)
 var hasAESNI, hasVAES = detectCPU()
 
 func detectCPU() (aesni, vaes bool) {
-	aesni = cpu.X86.HasAES && cpu.X86.HasSSE2
+	// The AES-NI XTS kernels make tweaks with PCLMULQDQ, which every CPU
+	// with AES-NI also has.
+	aesni = cpu.X86.HasAES && cpu.X86.HasSSE2 && cpu.X86.HasPCLMULQDQ
 	// golang.org/x/sys/cpu only reports VAES and VPCLMULQDQ together with
 	// AVX-512, but the VEX-encoded ymm forms used here need just AVX2, so
 	// read CPUID leaf 7 (ECX bit 9 VAES, bit 10 VPCLMULQDQ) directly and
