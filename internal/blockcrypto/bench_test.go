@@ -15,18 +15,19 @@ package blockcrypto
 // VPCLMULQDQ and AVX-512, 2 vCPUs shared with other work, so noisy), Go
 // 1.26, OpenSSL 3.0.19, both pinned to one CPU with taskset and run
 // interleaved 7 times; medians in MB/s (10^6 bytes/s), and the median of
-// the per-round ratios to OpenSSL:
+// the per-round ratios to OpenSSL (same operation):
 //
 //	                     512 B         4 KiB        64 KiB
-//	openssl encrypt       5517          6760          7115
-//	openssl decrypt       5367          6744          7147
-//	vaes encrypt          7748 (1.43x) 10790 (1.59x) 11366 (1.57x)
-//	vaes decrypt          7630 (1.36x) 11037 (1.64x) 11268 (1.59x)
-//	aesni encrypt         4444 (0.81x)  5534 (0.81x)  5625 (0.77x)
-//	aesni decrypt         4592 (0.86x)  5465 (0.81x)  5742 (0.81x)
+//	openssl encrypt       5722          7052          7379
+//	openssl decrypt       5679          7000          7408
+//	vaes encrypt          8359 (1.46x) 11776 (1.68x) 12398 (1.67x)
+//	vaes decrypt          8354 (1.46x) 11831 (1.69x) 12342 (1.67x)
+//	aesni encrypt         5835 (1.02x)  7617 (1.08x)  7936 (1.07x)
+//	aesni decrypt         5859 (1.03x)  7620 (1.09x)  7877 (1.07x)
 //	portable encrypt       348 (0.06x)   401 (0.06x)   403 (0.06x)
 //	portable decrypt       388 (0.07x)   403 (0.06x)   396 (0.06x)
 //
+// (The portable rows are from an earlier round of the same kind.)
 // OpenSSL 3.0's XTS uses AES-NI on xmm registers (6 blocks in flight); the
 // aesni path here is its counterpart for CPUs without VAES. In the same
 // setting aes-cbc-essiv:sha256 decrypts at about 10 GB/s (vaes) and 6 GB/s
