@@ -10,9 +10,9 @@
 // On amd64 the AES modes run in assembly: a VAES kernel (ymm registers, 16
 // blocks in flight) on CPUs with VAES, VPCLMULQDQ and AVX2, otherwise an
 // AES-NI kernel (8 blocks in flight; needs PCLMULQDQ too). Elsewhere, or on
-// CPUs without AES-NI,
-// the portable path uses crypto/aes with golang.org/x/crypto/xts and
-// crypto/cipher's CBC. All paths produce identical output.
+// CPUs without AES-NI, the portable path uses crypto/aes with
+// golang.org/x/crypto/xts and crypto/cipher's CBC. All paths produce
+// identical output.
 package blockcrypto
 
 import (
