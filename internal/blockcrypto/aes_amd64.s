@@ -376,8 +376,8 @@ Lend: \
 // round key 0 into its chaining value XR.
 #define CBC_ENC_LANE(M, XR) \
 	MOVOU M, X11; \
-	PXOR  X11, XR; \
-	PXOR  X8, XR
+	PXOR  X8, X11; \
+	PXOR  X11, XR
 
 // VAES counterparts of SSE8/SSE1 and the round sequences: the round key
 // is broadcast to both lanes of Y8.
