@@ -1,6 +1,7 @@
 package nbd
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -1332,5 +1333,82 @@ func waitFor(t *testing.T, cond func() bool) {
 			t.Fatal("condition not reached")
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestReaderLooksAgainAfterMisses checks the reader's look for queued
+// requests before it flushes: after two misses in a row it skips looking,
+// but looks again every 16th time, so a client that goes from one request
+// at a time to bursts gets its burst answered with one write again.
+func TestReaderLooksAgainAfterMisses(t *testing.T) {
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fileConn := func(fd int) net.Conn {
+		f := os.NewFile(uintptr(fd), "socketpair")
+		defer f.Close()
+		nc, err := net.FileConn(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { nc.Close() })
+		return nc
+	}
+	ours, peer := fileConn(fds[0]), fileConn(fds[1])
+	var flushed bytes.Buffer
+	c := &conn{nc: ours}
+	c.tx.bw = bufio.NewWriter(&flushed)
+	rr := newReqReader(c)
+	if rr.rc == nil {
+		t.Fatal("no RawConn for a unix socket")
+	}
+	buf := make([]byte, 16)
+	// read has the reader flush (one reply byte pending) and then read:
+	// with a request waiting, it returns it; without, the wait ends on a
+	// deadline 10 ms ahead. It reports whether the reply was flushed.
+	read := func(waiting bool) bool {
+		t.Helper()
+		if waiting {
+			if _, err := peer.Write([]byte{1}); err != nil {
+				t.Fatal(err)
+			}
+			ours.SetReadDeadline(time.Time{})
+		} else {
+			ours.SetReadDeadline(time.Now().Add(10 * time.Millisecond))
+		}
+		flushed.Reset()
+		c.tx.bw.WriteByte(0)
+		c.tx.unsent = true
+		n, err := rr.Read(buf)
+		if waiting && (n != 1 || err != nil) {
+			t.Fatalf("read %d, %v with a request waiting", n, err)
+		}
+		if !waiting && err == nil {
+			t.Fatalf("read %d with nothing waiting", n)
+		}
+		return flushed.Len() > 0
+	}
+	// Two misses: the reader looked and flushed each time.
+	for i := 0; i < 2; i++ {
+		if !read(false) {
+			t.Fatal("not flushed with no request waiting")
+		}
+	}
+	// Now it does not look: a waiting request does not stop the flush.
+	for i := 0; rr.misses%16 != 0; i++ {
+		if i == 16 {
+			t.Fatalf("the miss count stays at %d", rr.misses)
+		}
+		if !read(true) {
+			t.Fatalf("miss %d: did not flush though it should not look", rr.misses)
+		}
+	}
+	// Every 16th time it looks again, finds the request and holds the
+	// reply back; after a hit it looks every time.
+	for i := 0; i < 3; i++ {
+		if read(true) {
+			t.Fatalf("hit %d: flushed though a request was waiting", i)
+		}
 	}
 }

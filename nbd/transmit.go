@@ -441,12 +441,16 @@ func (rr *reqReader) Read(p []byte) (int, error) {
 	if !c.tx.unsent {
 		return rr.read(p, true)
 	}
-	if rr.rc != nil && (rr.misses < 2 || rr.misses%16 == 0) {
-		n, err := rr.read(p, false)
-		if n > 0 || err != errWouldBlock {
-			rr.misses = 0
-			return n, err
+	if rr.rc != nil {
+		if rr.misses < 2 || rr.misses%16 == 0 {
+			n, err := rr.read(p, false)
+			if n > 0 || err != errWouldBlock {
+				rr.misses = 0
+				return n, err
+			}
 		}
+		// Counted also when not looking, or the reader would never look
+		// again after two misses.
 		rr.misses++
 	}
 	c.flushUnsent()
