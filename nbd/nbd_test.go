@@ -1336,11 +1336,9 @@ func waitFor(t *testing.T, cond func() bool) {
 	}
 }
 
-// TestReaderLooksAgainAfterMisses checks the reader's look for queued
-// requests before it flushes: after two misses in a row it skips looking,
-// but looks again every 16th time, so a client that goes from one request
-// at a time to bursts gets its burst answered with one write again.
-func TestReaderLooksAgainAfterMisses(t *testing.T) {
+// unixPair returns the two ends of a connected unix socket pair.
+func unixPair(t *testing.T) (net.Conn, net.Conn) {
+	t.Helper()
 	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -1355,7 +1353,15 @@ func TestReaderLooksAgainAfterMisses(t *testing.T) {
 		t.Cleanup(func() { nc.Close() })
 		return nc
 	}
-	ours, peer := fileConn(fds[0]), fileConn(fds[1])
+	return fileConn(fds[0]), fileConn(fds[1])
+}
+
+// TestReaderLooksAgainAfterMisses checks the reader's look for queued
+// requests before it flushes: after two misses in a row it skips looking,
+// but looks again every 16th time, so a client that goes from one request
+// at a time to bursts gets its burst answered with one write again.
+func TestReaderLooksAgainAfterMisses(t *testing.T) {
+	ours, peer := unixPair(t)
 	var flushed bytes.Buffer
 	c := &conn{nc: ours}
 	c.tx.bw = bufio.NewWriter(&flushed)
