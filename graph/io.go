@@ -2,6 +2,8 @@ package graph
 
 import (
 	"context"
+
+	"blockd/internal/bufpool"
 )
 
 // This file is the graph's one validation layer. Every request to a node
@@ -87,7 +89,9 @@ func (c *Child) ReadAt(ctx context.Context, p []byte, off int64) error {
 	}
 	start := off &^ (a - 1)
 	end := (off + n + a - 1) &^ (a - 1)
-	buf := make([]byte, end-start)
+	bp := bufpool.Get(int(end - start))
+	defer bufpool.Put(bp)
+	buf := *bp
 	if err := c.chunks(start, end-start, func(o, l int64) error {
 		return b.node.ReadAt(ctx, buf[o-start:o-start+l], o)
 	}); err != nil {
@@ -152,7 +156,11 @@ func (c *Child) rmwWrite(ctx context.Context, p []byte, off int64, f ReqFlags) e
 	n := int64(len(p))
 	start := off &^ (a - 1)
 	end := (off + n + a - 1) &^ (a - 1)
-	buf := make([]byte, end-start)
+	// The head and tail blocks read below and p cover the whole buffer, so
+	// a pooled one's old contents never reach the node.
+	bp := bufpool.Get(int(end - start))
+	defer bufpool.Put(bp)
+	buf := *bp
 	headRead := false
 	if start < off {
 		if err := b.node.ReadAt(ctx, buf[:a], start); err != nil {
