@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"blockd/graph"
+	"blockd/internal/bufpool"
 )
 
 // The transmission phase runs on three kinds of goroutines per connection
@@ -234,7 +235,7 @@ func (c *conn) readLoop() (graceful bool, err error) {
 		}
 		if payload > 0 {
 			if r.typ == cmdWrite {
-				r.bufp = getBuf(int(payload))
+				r.bufp = bufpool.Get(int(payload))
 				r.buf = *r.bufp
 				if _, err := io.ReadFull(t.br, r.buf); err != nil {
 					c.recycle(r)
@@ -459,6 +460,10 @@ func (rr *reqReader) Read(p []byte) (int, error) {
 
 var errWouldBlock = errors.New("would block")
 
+// zeroBuf is a read-only buffer of zeroes used to write zeroes on nodes
+// without a graph.Zeroer. Nodes must not modify the buffer passed to WriteAt.
+var zeroBuf = make([]byte, 1<<20)
+
 // read reads from the socket, waiting for data when wait is set, or
 // returning errWouldBlock at once when there is none.
 func (rr *reqReader) read(p []byte, wait bool) (int, error) {
@@ -627,7 +632,7 @@ func (c *conn) read(r *request) error {
 	if n == 0 {
 		return nil
 	}
-	r.bufp = getBuf(n)
+	r.bufp = bufpool.Get(n)
 	r.buf = *r.bufp
 	if c.mode >= modeStructured && r.flags&cmdFlagDF == 0 && x.bs != nil && n >= sparseReadMin {
 		return c.sparseRead(r)
@@ -841,7 +846,7 @@ func (c *conn) blockStatus(r *request) error {
 // recycle returns a request to the free list.
 func (c *conn) recycle(r *request) {
 	r.timed = false
-	putBuf(r.bufp)
+	bufpool.Put(r.bufp)
 	r.bufp, r.buf = nil, nil
 	r.errno, r.msg = 0, ""
 	clear(r.chunks) // drop references to pooled buffers
