@@ -159,22 +159,11 @@ func readAll(t testing.TB, c *graph.Child) []byte {
 	return buf
 }
 
-// qemuImg runs qemu-img (skipping without it outside CI). LUKS creation
-// sometimes fails on these machines with "Unable to get accurate CPU
-// usage"; that is retried.
+// qemuImg runs qemu-img (skipping without it outside CI); testutil.Run
+// retries the machine's PBKDF2 timing failures of LUKS creation.
 func qemuImg(t testing.TB, args ...string) string {
 	t.Helper()
-	testutil.NeedTool(t, "qemu-img")
-	for try := 0; ; try++ {
-		out, err := testutil.RunErr("qemu-img", args...)
-		if err == nil {
-			return out
-		}
-		if try < 10 && strings.Contains(out, "Unable to get accurate CPU usage") {
-			continue
-		}
-		t.Fatalf("qemu-img %s: %v\n%s", strings.Join(args, " "), err, out)
-	}
+	return testutil.Run(t, "qemu-img", args...)
 }
 
 func qemuIO(t testing.TB, args ...string) string {
@@ -281,17 +270,11 @@ func qemuEncrypted(t *testing.T, dst string) {
 		}
 		p := filepath.Join(sharedDir, "enc-template.qcow2")
 		args := []string{"create", "-q", "--object", "secret,id=s0,file=" + pw, "-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100", p, "4M"}
-		for try := 0; ; try++ {
-			out, err := testutil.RunErr("qemu-img", args...)
-			if err == nil {
-				encTemplate.path = p
-				return
-			}
-			if try >= 10 || !strings.Contains(out, "Unable to get accurate CPU usage") {
-				encTemplate.err = out
-				return
-			}
+		if out, err := testutil.RunErr("qemu-img", args...); err != nil {
+			encTemplate.err = out
+			return
 		}
+		encTemplate.path = p
 	})
 	if encTemplate.path == "" {
 		t.Fatalf("qemu-img create (encrypted): %s", encTemplate.err)
