@@ -72,7 +72,7 @@ func icRun(b *testing.B, dir, prog string, args ...string) time.Duration {
 		if err == nil {
 			return d
 		}
-		if try < 5 && testutil.PeerFlake(out.String()) {
+		if try < testutil.PeerRetries && testutil.PeerFlake(out.String()) {
 			continue
 		}
 		b.Fatalf("%s %s: %v\n%s", prog, strings.Join(args, " "), err, out.String())

@@ -13,20 +13,6 @@ import (
 	"blockd/internal/testutil"
 )
 
-// lookTool returns the path of a QEMU tool, skipping the test when it is
-// not installed (failing instead when CI=true).
-func lookTool(t *testing.T, name string) string {
-	t.Helper()
-	path, err := exec.LookPath(name)
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("%s not found", name)
-		}
-		t.Skipf("%s not installed", name)
-	}
-	return path
-}
-
 // optionsFromKeyval builds Options from a parsed --object argument.
 func optionsFromKeyval(t *testing.T, m map[string]any) Options {
 	t.Helper()
@@ -60,7 +46,7 @@ func optionsFromKeyval(t *testing.T, m map[string]any) Options {
 // TestQSDSecretErrors adds the same secrets to qemu-storage-daemon (as
 // --object options) and to a Store, and compares the first error.
 func TestQSDSecretErrors(t *testing.T) {
-	qsd := lookTool(t, "qemu-storage-daemon")
+	qsd := testutil.NeedTool(t, "qemu-storage-daemon")
 	dir := t.TempDir()
 	write := func(name string, b []byte) string {
 		p := filepath.Join(dir, name)
@@ -140,7 +126,7 @@ func TestQSDSecretErrors(t *testing.T) {
 // encrypted secret to the same passphrase as the Store: a LUKS image made
 // with the encrypted secret opens with the Store's plaintext.
 func TestQEMUDecryptsLikeStore(t *testing.T) {
-	qemuImg := lookTool(t, "qemu-img")
+	qemuImg := testutil.NeedTool(t, "qemu-img")
 	dir := t.TempDir()
 	keyFile := filepath.Join(dir, "master-key.aes")
 	if err := os.WriteFile(keyFile, masterKey, 0o600); err != nil {
@@ -173,7 +159,7 @@ func TestQEMUDecryptsLikeStore(t *testing.T) {
 		out, err := exec.CommandContext(ctx, qemuImg, args...).CombinedOutput()
 		// QEMU times its PBKDF2 iteration count with getrusage and, on a
 		// loaded machine, can give up before writing anything.
-		for try := 0; err != nil && try < 5 && testutil.PeerFlake(string(out)); try++ {
+		for try := 0; err != nil && try < testutil.PeerRetries && testutil.PeerFlake(string(out)); try++ {
 			out, err = exec.CommandContext(ctx, qemuImg, args...).CombinedOutput()
 		}
 		if err != nil {

@@ -72,7 +72,7 @@ func qemuImg(t *testing.T, dir string, args ...string) result {
 	t.Helper()
 	testutil.NeedTool(t, "qemu-img")
 	var r result
-	for i := 0; i < 5; i++ {
+	for i := 0; i <= testutil.PeerRetries; i++ {
 		r = runIn(t, dir, "qemu-img", args...)
 		if !testutil.PeerFlake(r.stderr) {
 			break

@@ -29,7 +29,7 @@ func Run(t testing.TB, name string, args ...string) string {
 	t.Helper()
 	NeedTool(t, name)
 	out, err := exec.CommandContext(context.Background(), name, args...).CombinedOutput()
-	for try := 0; err != nil && try < 5 && PeerFlake(string(out)); try++ {
+	for try := 0; err != nil && try < PeerRetries && PeerFlake(string(out)); try++ {
 		out, err = exec.CommandContext(context.Background(), name, args...).CombinedOutput()
 	}
 	if err != nil {
@@ -54,11 +54,15 @@ func Tree(t testing.TB, s string) map[string]any {
 // error without failing the test.
 func RunErr(name string, args ...string) (string, error) {
 	out, err := exec.Command(name, args...).CombinedOutput()
-	for try := 0; err != nil && try < 5 && PeerFlake(string(out)); try++ {
+	for try := 0; err != nil && try < PeerRetries && PeerFlake(string(out)); try++ {
 		out, err = exec.Command(name, args...).CombinedOutput()
 	}
 	return string(out), err
 }
+
+// PeerRetries is how many times a command that failed with PeerFlake is
+// run again.
+const PeerRetries = 10
 
 // PeerFlake reports output of a QEMU tool that failed for a reason of the
 // machine, not of the test: QEMU times its PBKDF2 iteration count with

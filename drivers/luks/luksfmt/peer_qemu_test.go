@@ -18,7 +18,7 @@ func qemuTool(t testing.TB, tool string, args ...string) string {
 	t.Helper()
 	p := requireTool(t, tool)
 	out, err := exec.Command(p, args...).CombinedOutput()
-	for try := 0; err != nil && try < 5 && testutil.PeerFlake(string(out)); try++ {
+	for try := 0; err != nil && try < testutil.PeerRetries && testutil.PeerFlake(string(out)); try++ {
 		out, err = exec.Command(p, args...).CombinedOutput()
 	}
 	if err != nil {
