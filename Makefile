@@ -34,6 +34,10 @@ test: vet
 	echo $(GO) test -race -count=1 -vet=off -timeout 20m $$first $$rest; \
 	$(GO) test -race -count=1 -vet=off -timeout 20m $$first $$rest
 	BLOCKD_E2E_RACE=1 $(GO) test -count=1 -vet=off -timeout 10m ./tests/e2e
+	@# The allocation tests skip under -race (sync.Pool drops items on purpose
+	@# there), so they run once more without it.
+	$(GO) test -count=1 -vet=off -run 'NoAllocations$$' \
+		$$(grep -rl --include='*_test.go' '^func Test[A-Za-z]*NoAllocations(' . | xargs -n1 dirname | sort -u)
 	$(MAKE) fuzz
 
 # Each fuzz target for FUZZTIME, FUZZJOBS at a time (.ci/fuzz: one
