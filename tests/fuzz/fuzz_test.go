@@ -86,45 +86,6 @@ var qmpAllowed = map[string]bool{
 	"block-export-add": true, "block-export-del": true, "nbd-server-add": true, "nbd-server-remove": true,
 }
 
-// duplicateKeys reports whether a JSON text has an object with a key twice.
-// QEMU's parser refuses such a command as a whole ("JSON parse error,
-// duplicate key", a reply without an id) before any handler sees it, and
-// FuzzParser covers that; encoding/json would keep the last value instead.
-func duplicateKeys(raw []byte) bool {
-	d := json.NewDecoder(bytes.NewReader(raw))
-	// One set of keys per open object; nil for an open array.
-	var stack []map[string]bool
-	expectKey := false
-	for {
-		tok, err := d.Token()
-		if err != nil {
-			return false
-		}
-		switch tok {
-		case json.Delim('{'):
-			stack = append(stack, map[string]bool{})
-			expectKey = true
-			continue
-		case json.Delim('['):
-			stack = append(stack, nil)
-		case json.Delim('}'), json.Delim(']'):
-			stack = stack[:len(stack)-1]
-		default:
-			if k, ok := tok.(string); ok && expectKey {
-				top := stack[len(stack)-1]
-				if top[k] {
-					return true
-				}
-				top[k] = true
-				expectKey = false
-				continue
-			}
-		}
-		// After a value: the next token is a key if an object is open.
-		expectKey = len(stack) > 0 && stack[len(stack)-1] != nil
-	}
-}
-
 // unsafeArgs rejects arguments that would read files (secret file=,
 // tls-creds dir=) or take long (KDF benchmarks with large targets, argon2
 // with its default memory).
@@ -207,16 +168,20 @@ func FuzzQMP(f *testing.F) {
 			var r request
 			d := json.NewDecoder(strings.NewReader(sc.Text()))
 			d.UseNumber()
-			// Invalid UTF-8 never reaches a handler (the parser refuses it,
-			// and FuzzParser covers that).
+			// What the monitor's own parser refuses (invalid UTF-8, a key
+			// given twice, ...) never reaches a handler and is answered
+			// without an id; FuzzParser covers that.
 			if !utf8.Valid(sc.Bytes()) || d.Decode(&r) != nil || !qmpAllowed[r.Execute] {
+				continue
+			}
+			if _, err := qmp.ParseJSON(sc.Text()); err != nil {
 				continue
 			}
 			var args any
 			if len(r.Arguments) > 0 {
 				ad := json.NewDecoder(bytes.NewReader(r.Arguments))
 				ad.UseNumber()
-				if ad.Decode(&args) != nil || unsafeArgs(args) || duplicateKeys(r.Arguments) {
+				if ad.Decode(&args) != nil || unsafeArgs(args) {
 					continue
 				}
 			}
@@ -274,23 +239,4 @@ func (l *lockedBuffer) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()
-}
-
-func TestDuplicateKeys(t *testing.T) {
-	for _, tc := range []struct {
-		in   string
-		want bool
-	}{
-		{`{"a":1,"b":2}`, false},
-		{`{"a":1,"a":2}`, true},
-		{`{"":"","":""}`, true},
-		{`{"a":{"a":1},"b":[{"a":1},{"a":2}]}`, false},
-		{`{"a":[1,"a"],"b":{"c":1,"c":2}}`, true},
-		{`{"a":{"b":[]},"a":3}`, true},
-		{`{"x":["a","a"]}`, false},
-	} {
-		if got := duplicateKeys([]byte(tc.in)); got != tc.want {
-			t.Errorf("duplicateKeys(%s) = %v, want %v", tc.in, got, tc.want)
-		}
-	}
 }
