@@ -2,7 +2,6 @@ package qcow2
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -48,55 +47,55 @@ func hasProtocol(name string) bool {
 	return i > 0 && !strings.ContainsRune(name[:i], '/')
 }
 
-// resolveDataFile finds the external data file named in the header: QEMU
-// 7.2 resolves a relative name against the current directory; blockd also
-// looks next to the image when that finds nothing.
-func resolveDataFile(file *graph.Child, name string) string {
-	if filepath.IsAbs(name) || strings.HasPrefix(name, "json:") {
-		return name
+// plainName checks a file name that an image stores about itself (its
+// backing file or external data file) and returns the name to open. Names
+// from an image are followed only as plain file names: a json: description
+// or a protocol prefix (nbd:, rbd:, ...) would let the image choose which
+// file, host or driver options blockd opens, so they are refused, and the
+// user names such a child in the options instead ('backing', 'data-file').
+// QEMU since the CVE-2024-4467 fixes reads data-file names literally but
+// still follows json: backing names; blockd refuses both. A "file:" prefix
+// names a plain file and is dropped.
+func plainName(what, image, name, option string) (string, error) {
+	name = strings.TrimPrefix(name, "file:")
+	if strings.HasPrefix(name, "json:") || hasProtocol(name) {
+		return "", fmt.Errorf("%s name '%s' stored in '%s' is not a plain file name: an image may only name files, not options or protocols (give '%s' in the options to open it)", what, name, image, option)
 	}
-	if _, err := os.Stat(name); err == nil {
-		return name
-	}
-	if base := imagePath(file); base != "" {
-		p := filepath.Join(filepath.Dir(base), name)
-		if _, err := os.Stat(p); err == nil {
-			return p
-		}
-	}
-	return name
+	return name, nil
 }
 
-// fileRef makes an inline reference to a file node (or to the options of a
-// json: filename), read-only if asked.
+// resolveDataFile finds the external data file named in the header,
+// relative to the directory of the image (QEMU 7.2 resolves it against the
+// current directory, which makes what an image opens depend on where the
+// daemon runs).
+func resolveDataFile(file *graph.Child, name string) (string, error) {
+	name, err := plainName("Data file", file.BDS().Filename(), name, "data-file")
+	if err != nil || filepath.IsAbs(name) {
+		return name, err
+	}
+	base := imagePath(file)
+	if base == "" {
+		return "", fmt.Errorf("Cannot use relative data file names for '%s'", file.BDS().Filename())
+	}
+	return filepath.Join(filepath.Dir(base), name), nil
+}
+
+// fileRef makes an inline reference to a file node, read-only if asked.
 func fileRef(g *graph.Graph, name string, readOnly bool) (*graph.Ref, error) {
-	tree, err := protocolTree(name)
-	if err != nil {
-		return nil, err
-	}
-	if readOnly {
-		tree["read-only"] = true
-	}
-	o, err := g.DecodeOptions(tree, false)
+	o, err := g.DecodeOptions(fileTree(name, readOnly), false)
 	if err != nil {
 		return nil, err
 	}
 	return &graph.Ref{Inline: o}, nil
 }
 
-// protocolTree is the options tree for a filename: a json: description or
-// a plain file.
-func protocolTree(name string) (map[string]any, error) {
-	if rest, ok := strings.CutPrefix(name, "json:"); ok {
-		d := json.NewDecoder(strings.NewReader(rest))
-		d.UseNumber()
-		var tree map[string]any
-		if err := d.Decode(&tree); err != nil {
-			return nil, fmt.Errorf("Could not parse the JSON options: %v", err)
-		}
-		return tree, nil
+// fileTree is the options tree of a plain file.
+func fileTree(name string, readOnly bool) map[string]any {
+	t := map[string]any{"driver": "file", "filename": name}
+	if readOnly {
+		t["read-only"] = true
 	}
-	return map[string]any{"driver": "file", "filename": name}, nil
+	return t
 }
 
 // probeFormat guesses the format of a backing file from its first bytes:
@@ -154,7 +153,11 @@ func (n *node) openBacking(ctx context.Context, o *graph.Opener, opts *Options, 
 	if h.BackingFile == "" {
 		return nil
 	}
-	full, err := resolveBacking(n.file, h.BackingFile)
+	name, err := plainName("Backing file", n.file.BDS().Filename(), h.BackingFile, "backing")
+	if err != nil {
+		return err
+	}
+	full, err := resolveBacking(n.file, name)
 	if err != nil {
 		return err
 	}
@@ -166,37 +169,21 @@ func (n *node) openBacking(ctx context.Context, o *graph.Opener, opts *Options, 
 	if self != "" {
 		chain = append(append([]string(nil), chain...), self)
 	}
-	if !strings.HasPrefix(full, "json:") {
-		for _, p := range chain {
-			if sameFile(p, full) {
-				return fmt.Errorf("Backing file '%s' of '%s' creates a loop in the backing chain", h.BackingFile, self)
-			}
+	for _, p := range chain {
+		if sameFile(p, full) {
+			return fmt.Errorf("Backing file '%s' of '%s' creates a loop in the backing chain", h.BackingFile, self)
 		}
-	}
-	tree, err := protocolTree(full)
-	if err != nil {
-		return err
 	}
 	format := h.BackingFormat
-	if _, ok := tree["driver"]; ok && strings.HasPrefix(full, "json:") {
-		// A json: name describes the whole node (or its protocol layer).
-		if d, _ := tree["driver"].(string); d == "file" || d == "host_device" || d == "nbd" || d == "null-co" {
-			if format == "" {
-				format = "raw"
-				if d == "file" {
-					if fn, _ := tree["filename"].(string); fn != "" {
-						format = probeFormat(fn)
-					}
-				}
-			}
-			tree = map[string]any{"driver": format, "file": tree}
-		}
-	} else {
-		if format == "" {
-			format = probeFormat(full)
-		}
-		tree = map[string]any{"driver": format, "file": tree}
+	switch format {
+	case "":
+		format = probeFormat(full)
+	case "raw", "qcow2", "luks":
+	default:
+		// The header chooses only among image formats over a file.
+		return fmt.Errorf("Backing file format '%s' stored in '%s' is not an image format blockd opens from a name (raw, qcow2, luks)", format, self)
 	}
+	tree := map[string]any{"driver": format, "file": fileTree(full, false)}
 	tree["read-only"] = true
 	bo, err := o.Graph().DecodeOptions(tree, false)
 	if err != nil {

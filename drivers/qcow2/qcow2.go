@@ -233,9 +233,11 @@ type node struct {
 	fmtName         string // backing-filename-format
 	backName        string // full backing filename
 	dataName        string
-	noKey           bool       // encrypted, opened for metadata only
-	amendMu         sync.Mutex // one keyslot change at a time
-	secrets         func(id string) ([]byte, error)
+	// noIO: opened for metadata only (an encrypted image without its key,
+	// an external data file not opened); I/O fails with this error.
+	noIO    error
+	amendMu sync.Mutex // one keyslot change at a time
+	secrets func(id string) ([]byte, error)
 }
 
 func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
@@ -305,7 +307,7 @@ func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 			if err != nil {
 				return nil, err
 			}
-			p.luks, n.noKey = hdr, true
+			p.luks, n.noIO = hdr, errNoKey
 			break
 		}
 		if opts.Encrypt == nil || opts.Encrypt.KeySecret == nil {
@@ -334,24 +336,32 @@ func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 		return nil, errors.New("'data-file' can only be set for images with an external data file")
 	}
 	if h.HasDataFile() {
+		n.dataName = h.DataFile
 		ref := opts.DataFile
-		if ref == nil && h.HasDataFileName {
-			r, err := fileRef(o.Graph(), resolveDataFile(file, h.DataFile), false)
+		switch {
+		case ref == nil && ro && o.Graph().MetadataOnly:
+			// Metadata only: the data file named in the header is not
+			// opened (QEMU's BDRV_O_NO_IO), and the node refuses I/O.
+			data, n.noIO = nil, errNoDataFile
+		case ref == nil && h.HasDataFileName:
+			name, err := resolveDataFile(file, h.DataFile)
+			if err == nil {
+				ref, err = fileRef(o.Graph(), name, false)
+			}
 			if err != nil {
 				cleanup()
 				return nil, err
 			}
-			ref = r
-		}
-		if ref == nil {
+		case ref == nil:
 			cleanup()
 			return nil, errors.New("'data-file' is required for this image")
 		}
-		if data, err = o.Child(ctx, "data-file", ref, graph.ChildSpec{Role: graph.RoleData}); err != nil {
-			cleanup()
-			return nil, err
+		if ref != nil {
+			if data, err = o.Child(ctx, "data-file", ref, graph.ChildSpec{Role: graph.RoleData}); err != nil {
+				cleanup()
+				return nil, err
+			}
 		}
-		n.dataName = h.DataFile
 	} else if h.DataFileRaw() {
 		cleanup()
 		return nil, errors.New("data-file-raw requires a data file")
@@ -397,8 +407,8 @@ func (n *node) check() error {
 	if n.broken.Load() {
 		return errBroken
 	}
-	if n.noKey {
-		return errNoKey
+	if n.noIO != nil {
+		return n.noIO
 	}
 	return nil
 }
@@ -406,6 +416,10 @@ func (n *node) check() error {
 // errNoKey is the answer to I/O on an encrypted image opened without its
 // key (metadata only).
 var errNoKey = fmt.Errorf("qcow2: the image was opened for its metadata only, without its encryption key: %w", graph.ErrNotSupported)
+
+// errNoDataFile is the answer to I/O on an image with an external data
+// file opened for its metadata only: the data file is not opened.
+var errNoDataFile = fmt.Errorf("qcow2: the image was opened for its metadata only, without its external data file: %w", graph.ErrNotSupported)
 
 // ReadAt implements graph.Node.
 func (n *node) ReadAt(ctx context.Context, p []byte, off int64) error {
@@ -474,7 +488,7 @@ func (n *node) BlockStatus(ctx context.Context, off, l int64) ([]graph.Extent, e
 
 // Flush implements graph.Node.
 func (n *node) Flush(ctx context.Context) error {
-	if n.noKey {
+	if n.noIO != nil {
 		return nil // read-only, nothing to write
 	}
 	if err := n.check(); err != nil {
