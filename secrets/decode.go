@@ -80,11 +80,35 @@ func base64Rank(c byte) (byte, bool) {
 	return 0, false
 }
 
+// MaxFileSize is the largest secret file accepted, in bytes. QEMU reads a
+// secret file whole whatever its size, so "file=/dev/zero" fills memory
+// until the kernel kills the daemon; a passphrase or key is far smaller.
+const MaxFileSize = 64 << 10
+
+// secretFileType reports whether a file of mode m may be read as a secret:
+// a regular file, or a FIFO (a passphrase piped in, such as /dev/stdin).
+// A directory is let through too: reading it fails at once with QEMU's
+// text ("Error reading file “/d”: Is a directory").
+func secretFileType(m os.FileMode) bool {
+	return m.IsRegular() || m&os.ModeNamedPipe != 0 || m.IsDir()
+}
+
 // readFile reads a whole file as glib's g_file_get_contents does, with its
-// error texts ("Failed to open file “/p”: No such file or directory").
+// error texts ("Failed to open file “/p”: No such file or directory"), but
+// bounded: a file of a type secretFileType refuses, or longer than
+// MaxFileSize, is an error, and no more than MaxFileSize+1 bytes are read.
+// Opening a FIFO waits for a writer, as in QEMU.
 func readFile(path string) ([]byte, error) {
 	name := displayName(path)
-	f, err := os.Open(path)
+	notAllowed := fmt.Errorf("secret file “%s” is not a regular file or FIFO", name)
+	tooLarge := fmt.Errorf("secret file “%s” is larger than %d bytes", name, MaxFileSize)
+	// Devices and sockets are refused before they are opened: opening a
+	// device can have effects of its own. When the path cannot be looked
+	// at, the open below reports why in glib's words.
+	if fi, err := os.Stat(path); err == nil && !secretFileType(fi.Mode()) {
+		return nil, notAllowed
+	}
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOCTTY, 0)
 	if err != nil {
 		return nil, fmt.Errorf("Failed to open file “%s”: %s", name, strerror(err))
 	}
@@ -93,18 +117,42 @@ func readFile(path string) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("Failed to get attributes of file “%s”: fstat() failed: %s", name, strerror(err))
 	}
-	var buf bytes.Buffer
-	if fi.Mode().IsRegular() && fi.Size() > 0 {
-		buf.Grow(int(fi.Size()) + bytes.MinRead)
+	// Checked again on what was opened: the path may have been replaced.
+	regular := fi.Mode().IsRegular()
+	switch {
+	case !secretFileType(fi.Mode()):
+		return nil, notAllowed
+	case regular && fi.Size() > MaxFileSize:
+		return nil, tooLarge
 	}
-	if _, err := buf.ReadFrom(f); err != nil {
-		clear(buf.Bytes())
-		if fi.Mode().IsRegular() && fi.Size() > 0 {
-			return nil, fmt.Errorf("Failed to read from file “%s”: %s", name, strerror(err))
+	// A buffer that is outgrown is wiped before it is dropped; one byte
+	// past MaxFileSize tells a file of exactly MaxFileSize from a longer one.
+	buf := make([]byte, 0, 512)
+	if regular {
+		buf = make([]byte, 0, fi.Size()+1)
+	}
+	for len(buf) <= MaxFileSize {
+		if len(buf) == cap(buf) {
+			nb := make([]byte, len(buf), min(2*cap(buf), MaxFileSize+1))
+			copy(nb, buf)
+			clear(buf)
+			buf = nb
 		}
-		return nil, fmt.Errorf("Error reading file “%s”: %s", name, strerror(err))
+		n, err := f.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if err == io.EOF {
+			return buf, nil
+		}
+		if err != nil {
+			clear(buf)
+			if regular && fi.Size() > 0 {
+				return nil, fmt.Errorf("Failed to read from file “%s”: %s", name, strerror(err))
+			}
+			return nil, fmt.Errorf("Error reading file “%s”: %s", name, strerror(err))
+		}
 	}
-	return buf.Bytes(), nil
+	clear(buf)
+	return nil, tooLarge
 }
 
 // strerror returns the C library's text for the errno in err: Go's texts

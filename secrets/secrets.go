@@ -37,7 +37,8 @@ type Options struct {
 	ID string `json:"id"`
 	// Data is the secret itself; exactly one of Data and File is set.
 	Data *string `json:"data,omitempty"`
-	// File names a file holding the secret; it is read whole.
+	// File names a file holding the secret; it is read whole. It must be
+	// a regular file or a FIFO of at most MaxFileSize bytes.
 	File *string `json:"file,omitempty"`
 	// Format is FormatRaw (the default when empty) or FormatBase64. With
 	// KeyID it applies to the ciphertext.

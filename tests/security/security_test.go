@@ -454,6 +454,33 @@ func TestSocketsAndListeners(t *testing.T) {
 	}
 }
 
+// TestSecretFileBounds: a secret file that is a device, or longer than
+// 64 KiB, is refused at once, over QMP and on the command line (reading
+// /dev/zero whole would run the daemon out of memory).
+func TestSecretFileBounds(t *testing.T) {
+	big := writeFile(t, filepath.Join(t.TempDir(), "big"), bytes.Repeat([]byte{'k'}, 64<<10+1))
+	d := harness.StartDaemon(t, blockdBin)
+	d.MustFail("object-add", map[string]any{"qom-type": "secret", "id": "z", "file": "/dev/zero"},
+		"Unable to read /dev/zero: secret file “/dev/zero” is not a regular file or FIFO")
+	d.MustFail("object-add", map[string]any{"qom-type": "secret", "id": "b", "file": big},
+		"is larger than 65536 bytes")
+	d.Must("query-version", nil)
+
+	p, err := harness.Start(blockdBin, t.TempDir(), "--object", "secret,id=z,file=/dev/zero")
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-p.Done():
+	case <-time.After(30 * time.Second):
+		p.Kill()
+		t.Fatal("blockd --object secret,file=/dev/zero did not exit")
+	}
+	if !strings.Contains(p.Logs(), "is not a regular file or FIFO") {
+		t.Errorf("error output %q lacks the refusal", p.Logs())
+	}
+}
+
 // TestNBDLimits checks max-connections and the handshake timeout.
 func TestNBDLimits(t *testing.T) {
 	start := func(t *testing.T, extra string) string {
