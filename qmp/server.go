@@ -388,7 +388,12 @@ func (l *unixListener) Close() error {
 	return err
 }
 
-// ListenTCP listens on a TCP address such as "127.0.0.1:4444".
+// ListenTCP listens on a TCP address such as "127.0.0.1:4444" or
+// "[::1]:4444", on each address the host resolves to (see ListenInet).
 func ListenTCP(addr string) (net.Listener, error) {
-	return net.Listen("tcp", addr)
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, err
+	}
+	return ListenInet(InetAddr{Host: host, Port: port})
 }

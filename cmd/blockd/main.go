@@ -365,7 +365,7 @@ func (st *startup) chardev(arg string) error {
 	case kv["path"] != "":
 		l, err = qmp.ListenUnix(kv["path"])
 	case kv["port"] != "":
-		l, err = qmp.ListenTCP(net.JoinHostPort(kv["host"], kv["port"]))
+		l, err = chardevInet(kv)
 	default:
 		return errors.New("chardev: socket: no host given")
 	}

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"strconv"
 
 	"blockd/graph"
 	"blockd/internal/qapi"
@@ -22,13 +21,13 @@ import (
 
 // InetSocketAddress is QAPI's InetSocketAddress.
 type InetSocketAddress struct {
-	Host      string `json:"host"`
-	Port      string `json:"port"`
-	Numeric   *bool  `json:"numeric,omitempty"`
-	To        *int64 `json:"to,omitempty"`
-	IPv4      *bool  `json:"ipv4,omitempty"`
-	IPv6      *bool  `json:"ipv6,omitempty"`
-	KeepAlive *bool  `json:"keep-alive,omitempty"`
+	Host      string  `json:"host"`
+	Port      string  `json:"port"`
+	Numeric   *bool   `json:"numeric,omitempty"`
+	To        *uint16 `json:"to,omitempty"`
+	IPv4      *bool   `json:"ipv4,omitempty"`
+	IPv6      *bool   `json:"ipv6,omitempty"`
+	KeepAlive *bool   `json:"keep-alive,omitempty"`
 }
 
 // UnixSocketAddress is QAPI's UnixSocketAddress.
@@ -109,22 +108,9 @@ func (sa *socketAddress) listen() (net.Listener, error) {
 		}
 		return l, nil
 	case "inet":
-		if _, err := strconv.Atoi(sa.Inet.Port); err != nil {
-			if _, err := net.LookupPort("tcp", sa.Inet.Port); err != nil {
-				return nil, fmt.Errorf("address resolution failed for %s:%s: Servname not supported for ai_socktype", sa.Inet.Host, sa.Inet.Port)
-			}
-		}
-		network := "tcp"
-		if sa.Inet.IPv4 != nil && *sa.Inet.IPv4 && (sa.Inet.IPv6 == nil || !*sa.Inet.IPv6) {
-			network = "tcp4"
-		} else if sa.Inet.IPv6 != nil && *sa.Inet.IPv6 && (sa.Inet.IPv4 == nil || !*sa.Inet.IPv4) {
-			network = "tcp6"
-		}
-		l, err := net.Listen(network, net.JoinHostPort(sa.Inet.Host, sa.Inet.Port))
-		if err != nil {
-			return nil, fmt.Errorf("Failed to bind socket: %v", errors.Unwrap(errors.Unwrap(err)))
-		}
-		return l, nil
+		in := sa.Inet
+		return qmp.ListenInet(qmp.InetAddr{Host: in.Host, Port: in.Port, Numeric: in.Numeric != nil && *in.Numeric,
+			To: in.To, IPv4: in.IPv4, IPv6: in.IPv6})
 	}
 	return nil, fmt.Errorf("socket address type '%s' is not supported by blockd", sa.Type)
 }

@@ -19,6 +19,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -451,6 +452,64 @@ func TestSocketsAndListeners(t *testing.T) {
 	d.Must("nbd-server-stop", nil)
 	if s := inetSockets(t, pid); len(s) != 0 {
 		t.Errorf("inet sockets left after nbd-server-stop: %v", s)
+	}
+}
+
+// listenPort is the port of a listener line of inetSockets.
+func listenPort(t *testing.T, line string) int {
+	t.Helper()
+	f := strings.Fields(line)
+	_, hex, _ := strings.Cut(f[1], ":")
+	p, err := strconv.ParseUint(hex, 16, 16)
+	if err != nil {
+		t.Fatalf("%q: %v", line, err)
+	}
+	return int(p)
+}
+
+// TestInetListenersBindWhatIsAsked: host=0.0.0.0 listens on IPv4 alone
+// (no dual-stack IPv6 socket), for the QMP chardev and the NBD server, and
+// host=:: with ipv4=off takes no IPv4 connection, as in QEMU.
+func TestInetListenersBindWhatIsAsked(t *testing.T) {
+	if l, err := net.Listen("tcp6", "[::1]:0"); err != nil {
+		t.Skipf("no IPv6: %v", err)
+	} else {
+		l.Close()
+	}
+	d := harness.StartDaemon(t, blockdBin,
+		"--chardev", "socket,id=m2,host=0.0.0.0,port=0,server=on,wait=off", "--monitor", "chardev=m2",
+		"--nbd-server", "addr.type=inet,addr.host=0.0.0.0,addr.port=0")
+	pid := d.Cmd.Process.Pid
+	s := inetSockets(t, pid)
+	if len(s) != 2 {
+		t.Errorf("host=0.0.0.0 monitor and NBD server: sockets %v, want two", s)
+	}
+	for _, l := range s {
+		if !strings.HasPrefix(l, "tcp 00000000:") || !strings.HasSuffix(l, "state 0A") {
+			t.Errorf("host=0.0.0.0: socket %s, want IPv4 listeners on 0.0.0.0 only", l)
+		}
+	}
+	d.Must("nbd-server-stop", nil)
+	d.Must("nbd-server-start", map[string]any{"addr": map[string]any{"type": "inet",
+		"data": map[string]any{"host": "::", "port": "0", "ipv4": false}}})
+	var v6 []string
+	for _, l := range inetSockets(t, pid) {
+		if strings.HasPrefix(l, "tcp6 ") {
+			v6 = append(v6, l)
+		}
+	}
+	if len(v6) != 1 || !strings.HasPrefix(v6[0], "tcp6 00000000000000000000000000000000:") {
+		t.Fatalf("host=:: ipv4=off: IPv6 sockets %v, want one listener on ::", v6)
+	}
+	port := strconv.Itoa(listenPort(t, v6[0]))
+	if c, err := net.DialTimeout("tcp", "[::1]:"+port, 5*time.Second); err != nil {
+		t.Errorf("host=:: ipv4=off: IPv6 connection refused: %v", err)
+	} else {
+		c.Close()
+	}
+	if c, err := net.DialTimeout("tcp", "127.0.0.1:"+port, 5*time.Second); err == nil {
+		c.Close()
+		t.Errorf("host=:: ipv4=off: the socket takes IPv4 connections (not IPv6-only)")
 	}
 }
 
