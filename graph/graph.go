@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"strings"
 	"sync"
+	"time"
 )
 
 // Role describes what a child edge carries (QEMU's BdrvChildRole).
@@ -72,12 +73,23 @@ type Graph struct {
 	// key is given (QEMU's BDRV_O_NO_IO, for tools that show metadata):
 	// such nodes refuse I/O.
 	MetadataOnly bool
+	// KDFLimits bound the key derivation of encrypted images opened in
+	// this graph (drivers/luks/luksfmt.KDFLimits: argon2 memory in KiB and
+	// the estimated time of one keyslot); zero fields mean the defaults.
+	KDFLimits KDFLimits
 	// CheckOpen: images open for a consistency check, so formats leave
 	// repairs to it instead of repairing on open (QEMU's BDRV_O_CHECK).
 	CheckOpen bool
 	// Events receives events drivers raise (BLOCK_IMAGE_CORRUPTED...);
 	// the daemon forwards them to the QMP monitors. May be nil.
 	Events func(name string, data any)
+}
+
+// KDFLimits are the bounds on unlocking one keyslot of an encrypted image,
+// the fields of luksfmt.KDFLimits (convertible to it).
+type KDFLimits struct {
+	MaxMemoryKiB uint32
+	MaxTime      time.Duration
 }
 
 // Emit raises an event if anyone listens.

@@ -19,6 +19,7 @@ import (
 	"blockd/drivers/blkdebug"
 	"blockd/drivers/file"
 	"blockd/drivers/luks"
+	"blockd/drivers/luks/luksfmt"
 	"blockd/drivers/null"
 	"blockd/drivers/qcow2"
 	"blockd/drivers/raw"
@@ -62,6 +63,10 @@ qemu-storage-daemon compatible block-storage daemon.
   --daemonize                daemonize the process, and have the parent exit
                              once startup is complete
   --log-level <level>        panic, fatal, error, warning, info, debug, trace
+  --max-kdf-memory <size>    largest argon2 memory cost of a LUKS keyslot
+                             to unlock (default 1G, at most 4G)
+  --max-kdf-time <duration>  longest estimated time of unlocking one LUKS
+                             keyslot on this CPU (default 30s)
 `
 
 func main() {
@@ -73,6 +78,7 @@ type opt struct{ name, arg string }
 var withArg = map[string]bool{
 	"blockdev": true, "chardev": true, "monitor": true, "qmp": true, "nbd-server": true,
 	"export": true, "attach": true, "object": true, "pidfile": true, "log-level": true,
+	"max-kdf-memory": true, "max-kdf-time": true,
 }
 
 // parseArgs splits argv into options, accepting --opt value and --opt=value.
@@ -141,6 +147,7 @@ func run(args []string) int {
 	log.SetLevel(logrus.WarnLevel)
 	daemonize := false
 	pidfile := ""
+	var kdfLimits luksfmt.KDFLimits
 	for _, o := range opts {
 		switch o.name {
 		case "help":
@@ -161,6 +168,15 @@ func run(args []string) int {
 			daemonize = true
 		case "pidfile":
 			pidfile = o.arg
+		case "max-kdf-memory", "max-kdf-time":
+			set := kdfLimits.SetMaxMemory
+			if o.name == "max-kdf-time" {
+				set = kdfLimits.SetMaxTime
+			}
+			if err := set(o.arg); err != nil {
+				fmt.Fprintf(os.Stderr, "blockd: %v\n", err)
+				return 1
+			}
 		case "demo":
 			return runDemo(log, o.arg)
 		}
@@ -174,9 +190,27 @@ func run(args []string) int {
 		_, _ = syscall.Setsid()
 	}
 	d := daemon.New(logrus.NewEntry(log), Drivers()...)
-	st := &startup{d: d, chardevs: map[string]net.Listener{}}
+	d.Graph.KDFLimits = graph.KDFLimits(kdfLimits)
+	// A signal during startup (a LUKS keyslot being unlocked for --blockdev
+	// can take seconds) cancels it; afterwards it shuts the daemon down.
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	ctx, cancel := context.WithCancel(context.Background())
+	var got os.Signal
+	signalled := make(chan struct{})
+	go func() {
+		got = <-sig
+		close(signalled)
+		cancel()
+	}()
+	st := &startup{ctx: ctx, d: d, chardevs: map[string]net.Listener{}}
 	for _, o := range opts {
 		if err := st.apply(o); err != nil {
+			if ctx.Err() != nil {
+				fmt.Fprintf(os.Stderr, "blockd: received %v during startup, exiting\n", got)
+				d.Close()
+				return 1
+			}
 			arg, msg := o.arg, err.Error()
 			if o.name == "object" {
 				arg, msg = redactObject(arg, msg)
@@ -205,11 +239,9 @@ func run(args []string) int {
 			_ = syscall.Dup2(int(devnull.Fd()), 2)
 		}
 	}
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	select {
-	case s := <-sig:
-		log.Infof("received %v, shutting down", s)
+	case <-signalled:
+		log.Infof("received %v, shutting down", got)
 	case <-d.Done():
 	}
 	d.Close()
@@ -272,6 +304,7 @@ func writePidfile(path string) (func(), error) {
 
 // startup applies options in order.
 type startup struct {
+	ctx      context.Context // cancelled by a signal
 	d        *daemon.Daemon
 	chardevs map[string]net.Listener
 	monitors []monitor
@@ -285,7 +318,7 @@ type monitor struct {
 func isJSON(s string) bool { return strings.HasPrefix(strings.TrimLeft(s, " \t\n"), "{") }
 
 func (st *startup) apply(o opt) error {
-	ctx := context.Background()
+	ctx := st.ctx
 	switch o.name {
 	case "blockdev":
 		tree, err := keyval.Parse(o.arg, "driver")

@@ -58,7 +58,7 @@ func (n *node) Amend(ctx context.Context, v any, force bool) error {
 		return errors.New("Block node is read-only")
 	}
 	k := &Keyslots{
-		Header: n.hdr, KeySecret: n.keySecret, Secret: n.secret,
+		Header: n.hdr, KeySecret: n.keySecret, Secret: n.secret, Limits: n.kdfLimits,
 		Writer: func(ctx context.Context) (io.WriterAt, func(), error) {
 			w, release, err := n.metaWriter(ctx)
 			return w, release, err
@@ -75,6 +75,8 @@ type Keyslots struct {
 	// unlock the volume key unless the options name another.
 	KeySecret string
 	Secret    func(id string) ([]byte, error)
+	// Limits bound unlocking the header's keyslots (zero: the defaults).
+	Limits luksfmt.KDFLimits
 	// Writer gives access to the header's storage while it changes.
 	Writer func(ctx context.Context) (io.WriterAt, func(), error)
 }
@@ -121,7 +123,7 @@ func (k *Keyslots) addKeyslot(ctx context.Context, o *AmendOptions, force bool) 
 	if err != nil {
 		return err
 	}
-	key, _, err := k.Header.Unlock(oldPass, luksfmt.AnySlot)
+	key, _, err := k.Header.Unlock(ctx, oldPass, luksfmt.AnySlot, k.Limits)
 	luksfmt.Wipe(oldPass)
 	if err != nil {
 		return err
@@ -193,7 +195,7 @@ func (k *Keyslots) eraseKeyslots(ctx context.Context, o *AmendOptions, force boo
 			return fmt.Errorf("Invalid keyslot %d specified, must be between 0 and %d", slot, max-1)
 		}
 		if oldPass != nil {
-			key, _, err := k.Header.Unlock(oldPass, int(slot))
+			key, _, err := k.Header.Unlock(ctx, oldPass, int(slot), k.Limits)
 			if err != nil {
 				if errors.Is(err, luksfmt.ErrWrongPassphrase) || errors.Is(err, luksfmt.ErrSlotInactive) {
 					return fmt.Errorf("Given keyslot %d doesn't contain the given old password for erase operation", slot)
@@ -212,7 +214,7 @@ func (k *Keyslots) eraseKeyslots(ctx context.Context, o *AmendOptions, force boo
 			erase = []int{int(slot)}
 		}
 	case oldPass != nil:
-		m, err := k.Header.MatchSlots(oldPass)
+		m, err := k.Header.MatchSlots(ctx, oldPass, k.Limits)
 		if err != nil {
 			return err
 		}

@@ -70,6 +70,7 @@ func (c ChildIO) WriteAt(p []byte, off int64) (int, error) {
 type node struct {
 	file, header *graph.Child
 	hdr          *luksfmt.Header
+	kdfLimits    luksfmt.KDFLimits // the graph's, for amending keyslots
 	cipher       *blockcrypto.Cipher
 	offset       int64 // payload offset in file
 	fixedSize    int64 // LUKS2 segment size, -1 when dynamic
@@ -130,7 +131,10 @@ func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 	if err != nil {
 		return nil, err
 	}
-	key, _, err := hdr.Unlock(pass, luksfmt.AnySlot)
+	// The derivation is bounded by the graph's KDF limits and stops when
+	// ctx is done (the daemon shutting down, the QMP client gone).
+	n.kdfLimits = luksfmt.KDFLimits(o.Graph().KDFLimits)
+	key, _, err := hdr.Unlock(ctx, pass, luksfmt.AnySlot, n.kdfLimits)
 	luksfmt.Wipe(pass)
 	if err != nil {
 		return nil, err

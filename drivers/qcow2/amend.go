@@ -447,7 +447,7 @@ func (n *node) Amend(ctx context.Context, v any, force bool) error {
 	defer n.amendMu.Unlock()
 	m := n.image
 	k := &luks.Keyslots{
-		Header: n.luks, KeySecret: n.keySecret, Secret: n.secrets,
+		Header: n.luks, KeySecret: n.keySecret, Secret: n.secrets, Limits: n.kdfLimits,
 		Writer: func(ctx context.Context) (io.WriterAt, func(), error) {
 			m.metaMu.Lock()
 			h := m.h

@@ -211,8 +211,8 @@ func (r regionIO) WriteAt(p []byte, off int64) (int, error) {
 }
 
 // openLUKS opens the LUKS header of an encrypted image and unlocks the
-// volume key with pass (which it wipes).
-func openLUKS(ctx context.Context, file *graph.Child, h *qcow2fmt.Header, pass []byte) (*blockcrypto.Cipher, *luksfmt.Header, error) {
+// volume key with pass (which it wipes), within the KDF limits lim.
+func openLUKS(ctx context.Context, file *graph.Child, h *qcow2fmt.Header, pass []byte, lim luksfmt.KDFLimits) (*blockcrypto.Cipher, *luksfmt.Header, error) {
 	defer luksfmt.Wipe(pass)
 	r := regionIO{ctx: ctx, c: file, off: int64(h.Crypto.Offset), n: int64(h.Crypto.Length)}
 	hdr, err := luksfmt.Open(r, r.n)
@@ -222,7 +222,7 @@ func openLUKS(ctx context.Context, file *graph.Child, h *qcow2fmt.Header, pass [
 	if ss := hdr.SectorSize(); ss != 512 {
 		return nil, nil, fmt.Errorf("qcow2: LUKS encryption sector size %d is not supported (QEMU uses 512)", ss)
 	}
-	key, _, err := hdr.Unlock(pass, luksfmt.AnySlot)
+	key, _, err := hdr.Unlock(ctx, pass, luksfmt.AnySlot, lim)
 	if err != nil {
 		return nil, nil, err
 	}

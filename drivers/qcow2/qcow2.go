@@ -225,6 +225,8 @@ func cacheSizes(o *Options, g qcow2fmt.Geometry, virtualSize int64) (l2, rc int,
 type node struct {
 	*image
 	keySecret string
+	// kdfLimits are the graph's, for amending keyslots.
+	kdfLimits luksfmt.KDFLimits
 	noBacking bool // backing: null for an image with a backing file
 	// explicitBacking: the backing child was named in the options, not
 	// taken from headerBacking, the header's backing file name.
@@ -318,7 +320,8 @@ func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 		if err != nil {
 			return nil, err
 		}
-		c, info, err := openLUKS(ctx, file, h, pass)
+		n.kdfLimits = luksfmt.KDFLimits(o.Graph().KDFLimits)
+		c, info, err := openLUKS(ctx, file, h, pass, n.kdfLimits)
 		if err != nil {
 			return nil, err
 		}

@@ -149,6 +149,12 @@ func run(e *env, args []string) error {
 			i++
 			break
 		}
+		if name, val, ok := kdfLimitOpt(args, &i); ok {
+			if err := e.setKDFLimit(name, val); err != nil {
+				return err
+			}
+			continue
+		}
 		opts, _, err := getopt([]string{a}, "hVT:", long)
 		if err != nil {
 			var ee *exitError
@@ -188,6 +194,10 @@ func printHelp(w io.Writer) {
 
     '-h', '--help'       display this help and exit
     '-V', '--version'    output version information and exit
+    '--max-kdf-memory SIZE'  largest argon2 memory cost of a LUKS keyslot
+                         to unlock (default 1G, at most 4G)
+    '--max-kdf-time DURATION'  longest estimated time of unlocking one LUKS
+                         keyslot on this CPU (default 30s)
 
 Command syntax:
 `)

@@ -4,7 +4,9 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"strings"
 
+	"blockd/drivers/luks/luksfmt"
 	"blockd/graph"
 	"blockd/internal/keyval"
 	"blockd/internal/qapi"
@@ -97,4 +99,42 @@ func (e *env) addObject(arg string) error {
 	default:
 		return failf("Parameter 'qom-type' does not accept value '%s'", base.QomType)
 	}
+}
+
+// kdfLimitOpt recognises the global options --max-kdf-memory and
+// --max-kdf-time at args[*i], as "--opt=value" or "--opt value" (then
+// advancing *i past the value).
+func kdfLimitOpt(args []string, i *int) (name, val string, ok bool) {
+	a := args[*i]
+	for _, n := range []string{"--max-kdf-memory", "--max-kdf-time"} {
+		if v, found := strings.CutPrefix(a, n+"="); found {
+			return n, v, true
+		}
+		if a == n {
+			if *i+1 >= len(args) {
+				return n, "", true
+			}
+			*i++
+			return n, args[*i], true
+		}
+	}
+	return "", "", false
+}
+
+// setKDFLimit applies --max-kdf-memory or --max-kdf-time to the graph every
+// image opens in.
+func (e *env) setKDFLimit(name, val string) error {
+	l := luksfmt.KDFLimits(e.g.KDFLimits)
+	set := l.SetMaxMemory
+	if name == "--max-kdf-time" {
+		set = l.SetMaxTime
+	}
+	if val == "" {
+		return usagef("option '%s' requires an argument", name)
+	}
+	if err := set(val); err != nil {
+		return usagef("%v", err)
+	}
+	e.g.KDFLimits = graph.KDFLimits(l)
+	return nil
 }

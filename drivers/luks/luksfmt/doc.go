@@ -9,7 +9,7 @@
 // # Use
 //
 //	h, err := luksfmt.Open(dev, size)                 // LUKS1 or LUKS2
-//	key, slot, err := h.Unlock(passphrase, luksfmt.AnySlot)
+//	key, slot, err := h.Unlock(ctx, passphrase, luksfmt.AnySlot, luksfmt.KDFLimits{})
 //	c, err := blockcrypto.New(h.CipherSpec(), key)    // payload cipher
 //	luksfmt.Wipe(key)
 //
@@ -52,7 +52,11 @@
 // large allocation or computation: header and JSON sizes are bounded
 // (4 MiB), areas and offsets are checked against each other and the device
 // size, key sizes are at most MaxKeySize, and KDF costs are bounded by
-// MaxArgon2MemoryKiB, MaxArgon2Work and MaxPBKDF2Iterations.
+// MaxArgon2MemoryKiB, MaxArgon2Work and MaxPBKDF2Iterations. Unlock further
+// skips keyslots whose derivation would cost more than its KDFLimits (by
+// default 1 GiB of argon2 memory and an estimated 30 s on this CPU,
+// measured once per process), reporting ErrKDFLimit with the limit's name
+// when no other keyslot opens; it stops deriving when its context is done.
 //
 // Keyslot updates write new keyslot material before the header that refers
 // to it; ChangeKey wipes the old material only after the header has switched

@@ -30,6 +30,10 @@ var (
 	// package does not implement (a cipher, hash, kdf, reencryption, a
 	// mandatory requirement...). It matches graph.ErrNotSupported.
 	ErrUnsupported error = &kindError{"unsupported luks feature", graph.ErrNotSupported}
+	// ErrKDFLimit means a keyslot's key derivation would cost more memory
+	// or time than the KDFLimits allow, so it was not tried. It matches
+	// graph.ErrNotSupported.
+	ErrKDFLimit error = &kindError{"key derivation cost exceeds the limit", graph.ErrNotSupported}
 	// ErrWrongPassphrase means no keyslot could be opened with the given
 	// passphrase. Its message is QEMU's.
 	ErrWrongPassphrase = errors.New("Invalid password, cannot unlock any keyslot") //nolint:staticcheck // QEMU's wording

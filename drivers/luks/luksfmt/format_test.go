@@ -2,6 +2,7 @@ package luksfmt
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -51,7 +52,7 @@ func reopen(t testing.TB, dev *memDev) *Header {
 
 func mustUnlock(t testing.TB, h *Header, pass []byte, wantSlot int, wantKey []byte) {
 	t.Helper()
-	key, slot, err := h.Unlock(pass, AnySlot)
+	key, slot, err := h.Unlock(context.Background(), pass, AnySlot, KDFLimits{})
 	if err != nil {
 		t.Fatalf("Unlock(%q): %v", pass, err)
 	}
@@ -66,7 +67,7 @@ func mustUnlock(t testing.TB, h *Header, pass []byte, wantSlot int, wantKey []by
 
 func mustFail(t testing.TB, h *Header, pass []byte) {
 	t.Helper()
-	if _, _, err := h.Unlock(pass, AnySlot); !errors.Is(err, ErrWrongPassphrase) {
+	if _, _, err := h.Unlock(context.Background(), pass, AnySlot, KDFLimits{}); !errors.Is(err, ErrWrongPassphrase) {
 		t.Fatalf("Unlock(%q) = %v, want ErrWrongPassphrase", pass, err)
 	}
 }
@@ -271,17 +272,17 @@ func TestKeyslotLifecycle(t *testing.T) {
 			mustUnlock(t, h, passA, 0, key)
 			mustUnlock(t, h, passB, 1, key)
 			mustUnlock(t, h, passC, 5, key)
-			if _, _, err := h.Unlock(passC, 1); !errors.Is(err, ErrWrongPassphrase) {
+			if _, _, err := h.Unlock(context.Background(), passC, 1, KDFLimits{}); !errors.Is(err, ErrWrongPassphrase) {
 				t.Fatalf("Unlock(C, slot 1) = %v", err)
 			}
-			if _, _, err := h.Unlock(passC, 3); !errors.Is(err, ErrSlotInactive) {
+			if _, _, err := h.Unlock(context.Background(), passC, 3, KDFLimits{}); !errors.Is(err, ErrSlotInactive) {
 				t.Fatalf("Unlock(slot 3) = %v", err)
 			}
 
 			if n, err := h.AddKey(dev, key, AnySlot, passA, tc.kdf); err != nil || n != 2 {
 				t.Fatalf("AddKey A again: %d %v", n, err)
 			}
-			if got, err := h.MatchSlots(passA); err != nil || !slices.Equal(got, []int{0, 2}) {
+			if got, err := h.MatchSlots(context.Background(), passA, KDFLimits{}); err != nil || !slices.Equal(got, []int{0, 2}) {
 				t.Fatalf("MatchSlots(A) = %v, %v", got, err)
 			}
 
@@ -316,7 +317,7 @@ func TestKeyslotLifecycle(t *testing.T) {
 			if err := h.KillSlot(dev, 2); err != nil {
 				t.Fatal(err)
 			}
-			if got, err := h.MatchSlots(passA); err != nil || !slices.Equal(got, []int{0}) {
+			if got, err := h.MatchSlots(context.Background(), passA, KDFLimits{}); err != nil || !slices.Equal(got, []int{0}) {
 				t.Fatalf("MatchSlots(A) after kill = %v, %v", got, err)
 			}
 			if err := h.Erase(dev); err != nil {
@@ -424,7 +425,7 @@ func TestInterruptedUpdates(t *testing.T) {
 					after := reopen(t, dev.snapshot())
 					opened := false
 					for _, p := range o.ok {
-						if k, _, err := after.Unlock(p, AnySlot); err == nil {
+						if k, _, err := after.Unlock(context.Background(), p, AnySlot, KDFLimits{}); err == nil {
 							Wipe(k)
 							opened = true
 						}
@@ -573,7 +574,7 @@ func TestUnlockConcurrent(t *testing.T) {
 			if i%2 == 1 {
 				p = passB
 			}
-			k, _, err := h.Unlock(p, AnySlot)
+			k, _, err := h.Unlock(context.Background(), p, AnySlot, KDFLimits{})
 			if err != nil || !bytes.Equal(k, key) {
 				t.Errorf("Unlock: %v", err)
 			}
@@ -609,7 +610,7 @@ func TestLUKS2Priority(t *testing.T) {
 		t.Fatal(err)
 	}
 	mustFail(t, h, passA) // only the ignored keyslot is left
-	if k, s, err := h.Unlock(passA, 0); err != nil || s != 0 || !bytes.Equal(k, key) {
+	if k, s, err := h.Unlock(context.Background(), passA, 0, KDFLimits{}); err != nil || s != 0 || !bytes.Equal(k, key) {
 		t.Fatalf("explicit Unlock of an ignored keyslot: %d %v", s, err)
 	}
 }

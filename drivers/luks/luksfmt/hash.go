@@ -1,6 +1,7 @@
 package luksfmt
 
 import (
+	"context"
 	"crypto/sha1" //nolint:gosec // LUKS1 headers use sha1 for digests and the AF splitter
 	"crypto/sha256"
 	"crypto/sha512"
@@ -40,31 +41,49 @@ func lookupHash(name string) (func() hash.Hash, error) {
 // iteration count means the time a serial implementation (cryptsetup,
 // QEMU) spends.
 func pbkdf2Key(newHash func() hash.Hash, password, salt []byte, iter, keyLen int) []byte {
-	out := make([]byte, keyLen)
-	pbkdf2Blocks(out, newHash, password, salt, iter, 1)
+	out, _ := pbkdf2KeyContext(context.Background(), newHash, password, salt, iter, keyLen)
 	return out
+}
+
+// pbkdf2KeyContext is pbkdf2Key stopping with ctx's error when ctx is
+// done (unlocking checks digests with it).
+func pbkdf2KeyContext(ctx context.Context, newHash func() hash.Hash, password, salt []byte, iter, keyLen int) ([]byte, error) {
+	out := make([]byte, keyLen)
+	if err := pbkdf2Blocks(ctx, out, newHash, password, salt, iter, 1); err != nil {
+		return nil, err
+	}
+	return out, nil
 }
 
 // pbkdf2Into is PBKDF2 into dst; the output blocks (one per hash size of
 // output: two for a 512-bit XTS key with SHA-256) are independent chains,
 // so they run on separate cores. Hand-written instead of
 // golang.org/x/crypto/pbkdf2, which neither keeps its buffers in key
-// memory nor computes blocks in parallel.
-func pbkdf2Into(dst []byte, newHash func() hash.Hash, password, salt []byte, iter int) {
+// memory nor computes blocks in parallel, nor stops when asked. When ctx is
+// done it returns ctx's error within a few thousand iterations (about a
+// millisecond) and dst holds no complete key.
+func pbkdf2Into(ctx context.Context, dst []byte, newHash func() hash.Hash, password, salt []byte, iter int) error {
 	hs := newHash().Size()
 	nb := (len(dst) + hs - 1) / hs
 	if nb == 1 || runtime.GOMAXPROCS(0) == 1 {
-		pbkdf2Blocks(dst, newHash, password, salt, iter, 1)
-		return
+		return pbkdf2Blocks(ctx, dst, newHash, password, salt, iter, 1)
 	}
 	var wg sync.WaitGroup
 	for b := 1; b < nb; b++ {
 		part := dst[(b-1)*hs : b*hs]
-		wg.Go(func() { pbkdf2Blocks(part, newHash, password, salt, iter, uint32(b)) })
+		wg.Go(func() { _ = pbkdf2Blocks(ctx, part, newHash, password, salt, iter, uint32(b)) })
 	}
-	pbkdf2Blocks(dst[(nb-1)*hs:], newHash, password, salt, iter, uint32(nb))
+	err := pbkdf2Blocks(ctx, dst[(nb-1)*hs:], newHash, password, salt, iter, uint32(nb))
 	wg.Wait()
+	if err == nil {
+		err = ctx.Err() // another block may have stopped after this one ended
+	}
+	return err
 }
+
+// pbkdf2Poll is how many iterations pass between two looks at the context:
+// about a millisecond with SHA-256, a cost lost in the noise.
+const pbkdf2Poll = 4096
 
 // pbkdf2Blocks writes PBKDF2 (RFC 8018) with HMAC over newHash into dst
 // (len(dst) bytes of output), starting with output block first. Unlike golang.org/x/crypto/pbkdf2, which
@@ -73,8 +92,9 @@ func pbkdf2Into(dst []byte, newHash func() hash.Hash, password, salt []byte, ite
 // the hash states) before returning, so only dst holds secret material.
 // HMAC's inner and outer states are precomputed once and restored per
 // iteration, two compressions per iteration like crypto/hmac. iter and
-// len(dst) must be positive.
-func pbkdf2Blocks(dst []byte, newHash func() hash.Hash, password, salt []byte, iter int, first uint32) {
+// len(dst) must be positive. It returns ctx's error, with dst incomplete,
+// when ctx is done before the end.
+func pbkdf2Blocks(ctx context.Context, dst []byte, newHash func() hash.Hash, password, salt []byte, iter int, first uint32) error {
 	inner, outer := newHash(), newHash()
 	bs, hs := inner.BlockSize(), inner.Size()
 
@@ -152,6 +172,9 @@ func pbkdf2Blocks(dst []byte, newHash func() hash.Hash, password, salt []byte, i
 		prf(u, salt, ctr[:])
 		copy(t, u)
 		for n := 1; n < iter; n++ {
+			if n%pbkdf2Poll == 0 && ctx.Err() != nil {
+				return ctx.Err()
+			}
 			prf(u, u)
 			for i := range t {
 				t[i] ^= u[i]
@@ -159,4 +182,5 @@ func pbkdf2Blocks(dst []byte, newHash func() hash.Hash, password, salt []byte, i
 		}
 		done += copy(dst[done:], t)
 	}
+	return nil
 }

@@ -1,6 +1,7 @@
 package luksfmt
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -276,11 +277,42 @@ func (h *Header) VerifyKey(key []byte) error {
 // and the caller owns it and must release it with Wipe.
 // A passphrase that opens no keyslot gives ErrWrongPassphrase; a requested
 // keyslot that is empty gives ErrSlotInactive.
-func (h *Header) Unlock(passphrase []byte, slot int) ([]byte, int, error) {
+//
+// Keyslots whose key derivation costs more than lim allows (the zero
+// KDFLimits: the defaults) are not tried; when no other keyslot opens, the
+// error is the first of them, an ErrKDFLimit naming the keyslot and the
+// limit. When ctx is done Unlock returns ctx's error within milliseconds
+// (an argon2 derivation under way finishes in the background, bounded by
+// lim, and its result is wiped).
+func (h *Header) Unlock(ctx context.Context, passphrase []byte, slot int, lim KDFLimits) ([]byte, int, error) {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
 	if slot != AnySlot && (slot < 0 || slot >= h.MaxSlots()) {
 		return nil, -1, fmt.Errorf("%w: keyslot %d is out of range (0-%d)", ErrInvalidArgument, slot, h.MaxSlots()-1)
+	}
+	var overLimit error // the first keyslot skipped for its cost
+	// try reports whether the attempt ended the search.
+	try := func(open func() ([]byte, error)) ([]byte, bool, error) {
+		if err := ctx.Err(); err != nil {
+			return nil, true, err
+		}
+		key, err := open()
+		switch {
+		case errors.Is(err, errMismatch):
+			return nil, false, nil
+		case errors.Is(err, ErrKDFLimit):
+			if overLimit == nil {
+				overLimit = err
+			}
+			return nil, false, nil
+		}
+		return key, true, err
+	}
+	notOpened := func() error {
+		if overLimit != nil {
+			return overLimit
+		}
+		return ErrWrongPassphrase
 	}
 	if h.v1 != nil {
 		for i, s := range h.v1.slots {
@@ -293,20 +325,19 @@ func (h *Header) Unlock(passphrase []byte, slot int) ([]byte, int, error) {
 				}
 				continue
 			}
-			key, err := h.v1.openSlot(h.r, i, passphrase)
-			if errors.Is(err, errMismatch) {
-				continue
-			}
+			key, end, err := try(func() ([]byte, error) { return h.v1.openSlot(ctx, h.r, i, passphrase, lim) })
 			if err != nil {
 				return nil, -1, err
 			}
-			return key, i, nil
+			if end {
+				return key, i, nil
+			}
 		}
-		return nil, -1, ErrWrongPassphrase
+		return nil, -1, notOpened()
 	}
-	var try []*luks2Keyslot
+	var slots []*luks2Keyslot
 	if slot == AnySlot {
-		try = h.v2.unlockOrder()
+		slots = h.v2.unlockOrder()
 	} else {
 		s := h.v2.meta.slot(slot)
 		if s == nil {
@@ -315,28 +346,28 @@ func (h *Header) Unlock(passphrase []byte, slot int) ([]byte, int, error) {
 		if !h.v2.meta.boundToSegment(s) {
 			return nil, -1, fmt.Errorf("%w: keyslot %d does not hold the data segment's key", ErrUnsupported, slot)
 		}
-		try = []*luks2Keyslot{s}
+		slots = []*luks2Keyslot{s}
 	}
-	for _, s := range try {
-		key, err := h.v2.openSlot(h.r, s, passphrase)
-		if errors.Is(err, errMismatch) {
-			continue
-		}
+	for _, s := range slots {
+		key, end, err := try(func() ([]byte, error) { return h.v2.openSlot(ctx, h.r, s, passphrase, lim) })
 		if err != nil {
 			return nil, -1, err
 		}
-		return key, s.id, nil
+		if end {
+			return key, s.id, nil
+		}
 	}
-	return nil, -1, ErrWrongPassphrase
+	return nil, -1, notOpened()
 }
 
 // MatchSlots returns every active keyslot that passphrase opens (unlike
 // Unlock, it does not stop at the first), for QEMU's amend semantics of
-// erasing all keyslots of an old secret.
-func (h *Header) MatchSlots(passphrase []byte) ([]int, error) {
+// erasing all keyslots of an old secret. ctx and lim are as for Unlock; a
+// keyslot over lim is an error.
+func (h *Header) MatchSlots(ctx context.Context, passphrase []byte, lim KDFLimits) ([]int, error) {
 	var out []int
 	for _, id := range h.ActiveSlots() {
-		key, _, err := h.Unlock(passphrase, id)
+		key, _, err := h.Unlock(ctx, passphrase, id, lim)
 		switch {
 		case err == nil:
 			freeKey(key)
@@ -449,8 +480,11 @@ func (h *Header) killSlots(w io.WriterAt, slots []int) error {
 
 // RemoveKey destroys the keyslot that passphrase opens and returns its id
 // (cryptsetup luksRemoveKey).
+//
+// The passphrase is tried with the default KDFLimits and cannot be
+// interrupted.
 func (h *Header) RemoveKey(w io.WriterAt, passphrase []byte) (int, error) {
-	key, slot, err := h.Unlock(passphrase, AnySlot)
+	key, slot, err := h.Unlock(context.Background(), passphrase, AnySlot, KDFLimits{})
 	if err != nil {
 		return -1, err
 	}
@@ -464,8 +498,10 @@ func (h *Header) RemoveKey(w io.WriterAt, passphrase []byte) (int, error) {
 // newPass in a free keyslot first and then destroys the old one (so it
 // needs a free keyslot). Either way one of the two passphrases opens the
 // volume at every instant.
+//
+// oldPass is tried with the default KDFLimits and cannot be interrupted.
 func (h *Header) ChangeKey(w io.WriterAt, oldPass, newPass []byte, kdf KDF) (int, error) {
-	key, slot, err := h.Unlock(oldPass, AnySlot)
+	key, slot, err := h.Unlock(context.Background(), oldPass, AnySlot, KDFLimits{})
 	if err != nil {
 		return -1, err
 	}

@@ -1,6 +1,7 @@
 package luksfmt
 
 import (
+	"context"
 	"crypto/subtle"
 	"fmt"
 	"hash"
@@ -129,32 +130,69 @@ func (p *kdfParams) check() error {
 }
 
 // derive runs the KDF. The result is key memory; the caller releases it
-// with freeKey.
-func (p *kdfParams) derive(passphrase []byte, keyLen int) ([]byte, error) {
+// with freeKey. When ctx is done it returns ctx's error within about a
+// millisecond: PBKDF2 stops, argon2 (which cannot be interrupted) runs to
+// its end in the background and its output is wiped there.
+func (p *kdfParams) derive(ctx context.Context, passphrase []byte, keyLen int) ([]byte, error) {
 	if err := p.check(); err != nil {
 		return nil, err
 	}
-	var heap []byte
-	switch p.typ {
-	case KDFPBKDF2:
+	if p.typ == KDFPBKDF2 {
 		h, err := lookupHash(p.hash)
 		if err != nil {
 			return nil, err
 		}
 		out := keyBuf(keyLen)
-		pbkdf2Into(out, h, passphrase, p.salt, int(p.iterations))
+		if err := pbkdf2Into(ctx, out, h, passphrase, p.salt, int(p.iterations)); err != nil {
+			freeKey(out)
+			return nil, err
+		}
 		return out, nil
-	case KDFArgon2i:
-		heap = argon2.Key(passphrase, p.salt, p.iterations, p.memoryKiB, uint8(p.parallel), uint32(keyLen))
-	default: // KDFArgon2id, checked above
-		heap = argon2.IDKey(passphrase, p.salt, p.iterations, p.memoryKiB, uint8(p.parallel), uint32(keyLen))
 	}
-	// x/crypto/argon2 returns its own slice (and keeps its work memory on
-	// the heap); move the output to key memory.
-	out := keyBuf(keyLen)
-	copy(out, heap)
-	clear(heap)
-	return out, nil
+	return p.argon2(ctx, passphrase, keyLen)
+}
+
+// argon2Running admits one argon2 derivation at a time, so that derivations
+// abandoned by cancelled callers (and still running in the background)
+// cannot pile up their memory: at most one KDFLimits.MaxMemoryKiB is in use.
+var argon2Running = make(chan struct{}, 1)
+
+// argon2 runs argon2i or argon2id on its own goroutine and returns when it
+// ends or ctx is done. The passphrase is copied to key memory the goroutine
+// owns, since the caller may wipe its copy as soon as this returns.
+func (p *kdfParams) argon2(ctx context.Context, passphrase []byte, keyLen int) ([]byte, error) {
+	select {
+	case argon2Running <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	pw := keyBuf(len(passphrase))
+	copy(pw, passphrase)
+	typ, salt, t, m, par := p.typ, p.salt, p.iterations, p.memoryKiB, uint8(p.parallel)
+	done := make(chan []byte, 1)
+	go func() {
+		defer func() { <-argon2Running }()
+		var heap []byte
+		if typ == KDFArgon2i {
+			heap = argon2.Key(pw, salt, t, m, par, uint32(keyLen))
+		} else {
+			heap = argon2.IDKey(pw, salt, t, m, par, uint32(keyLen))
+		}
+		freeKey(pw)
+		// x/crypto/argon2 returns its own slice (and keeps its work
+		// memory on the heap); move the output to key memory.
+		out := keyBuf(keyLen)
+		copy(out, heap)
+		clear(heap)
+		done <- out
+	}()
+	select {
+	case out := <-done:
+		return out, nil
+	case <-ctx.Done():
+		go func() { freeKey(<-done) }()
+		return nil, ctx.Err()
+	}
 }
 
 // newKDFParams resolves options into parameters for a new keyslot with a
@@ -253,7 +291,7 @@ func newKDFParams(opts KDF, defType, defHash string, keyLen int) (*kdfParams, er
 // enough to measure, then extrapolate. The clock is the thread's CPU time
 // where available, so a loaded machine does not weaken the result.
 func pbkdf2Iterations(h func() hash.Hash, keyLen int, target time.Duration) (uint32, error) {
-	perSec, err := pbkdf2Rate(h, keyLen)
+	perSec, err := pbkdf2Rate(h, keyLen, 200*time.Millisecond)
 	if err != nil {
 		return 0, err
 	}
@@ -264,8 +302,9 @@ func pbkdf2Iterations(h func() hash.Hash, keyLen int, target time.Duration) (uin
 	return max(uint32(it), minPBKDF2Iterations), nil
 }
 
-// pbkdf2Rate measures PBKDF2 iterations per second.
-func pbkdf2Rate(h func() hash.Hash, keyLen int) (float64, error) {
+// pbkdf2Rate measures PBKDF2 iterations per second (of keyLen bytes of
+// output, computed serially), over at least minRun of CPU time.
+func pbkdf2Rate(h func() hash.Hash, keyLen int, minRun time.Duration) (float64, error) {
 	pw := []byte("foobarfo")
 	salt := []byte("0123456789abcdef")
 	iter := 1 << 12
@@ -274,15 +313,15 @@ func pbkdf2Rate(h func() hash.Hash, keyLen int) (float64, error) {
 		k := pbkdf2Key(h, pw, salt, iter, keyLen)
 		d := clock.elapsed()
 		clear(k)
-		if d >= 200*time.Millisecond {
+		if d >= minRun {
 			return float64(iter) / d.Seconds(), nil
 		}
 		switch {
-		case d <= 25*time.Millisecond:
+		case d <= minRun/8:
 			iter <<= 4
-		case d <= 50*time.Millisecond:
+		case d <= minRun/4:
 			iter <<= 3
-		case d <= 100*time.Millisecond:
+		case d <= minRun/2:
 			iter <<= 2
 		default:
 			iter <<= 1
@@ -312,7 +351,7 @@ func argon2Params(typ string, par, maxMem uint32, keyLen int, target time.Durati
 	measure := func(t, m uint32) time.Duration {
 		p := kdfParams{typ: typ, iterations: t, memoryKiB: m, parallel: par, salt: make([]byte, saltSize)}
 		start := time.Now()
-		k, _ := p.derive([]byte("foobarfo"), keyLen)
+		k, _ := p.derive(context.Background(), []byte("foobarfo"), keyLen)
 		freeKey(k)
 		return max(time.Since(start), time.Millisecond)
 	}

@@ -1,6 +1,7 @@
 package luksfmt
 
 import (
+	"context"
 	"crypto/sha256"
 	"testing"
 	"time"
@@ -23,7 +24,7 @@ func benchPBKDF2(b *testing.B, keyLen int) {
 	pw, salt := []byte("benchmark passphrase"), make([]byte, 32)
 	start := time.Now()
 	for b.Loop() {
-		pbkdf2Into(out, sha256.New, pw, salt, iter)
+		pbkdf2Into(context.Background(), out, sha256.New, pw, salt, iter)
 	}
 	b.ReportMetric(float64(iter)*float64(b.N)/time.Since(start).Seconds(), "iter/s")
 }

@@ -2,6 +2,7 @@ package luksfmt
 
 import (
 	"bufio"
+	"context"
 	"os"
 	"strconv"
 	"strings"
@@ -164,7 +165,7 @@ func TestUnlockUsesKeyMemory(t *testing.T) {
 
 			h = reopen(t, dev)
 			w.reset()
-			got, slot, err := h.Unlock(passA, AnySlot)
+			got, slot, err := h.Unlock(context.Background(), passA, AnySlot, KDFLimits{})
 			if err != nil || slot != 0 {
 				t.Fatalf("Unlock: slot %d, %v", slot, err)
 			}
@@ -176,7 +177,7 @@ func TestUnlockUsesKeyMemory(t *testing.T) {
 				t.Errorf("Unlock made %d key-memory allocations, want KDF output, area, accumulator and key: %v", n, w.sizes)
 			}
 			// A wrong passphrase releases everything too.
-			if _, _, err := h.Unlock(passD, AnySlot); err == nil {
+			if _, _, err := h.Unlock(context.Background(), passD, AnySlot, KDFLimits{}); err == nil {
 				t.Fatal("wrong passphrase unlocked")
 			}
 			w.check("failed Unlock", got)
@@ -189,7 +190,7 @@ func TestUnlockUsesKeyMemory(t *testing.T) {
 				t.Fatal(err)
 			}
 			w.check("ChangeKey", got)
-			if m, err := h.MatchSlots(passC); err != nil || len(m) != 1 {
+			if m, err := h.MatchSlots(context.Background(), passC, KDFLimits{}); err != nil || len(m) != 1 {
 				t.Fatalf("MatchSlots: %v %v", m, err)
 			}
 			w.check("MatchSlots", got)

@@ -2,6 +2,7 @@ package luksfmt
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -207,6 +208,11 @@ func (h *luks1Header) marshal() []byte {
 
 // verifyKey checks a volume key against the master key digest.
 func (h *luks1Header) verifyKey(key []byte) error {
+	return h.verifyKeyContext(context.Background(), key)
+}
+
+// verifyKeyContext is verifyKey stopping with ctx's error when ctx is done.
+func (h *luks1Header) verifyKeyContext(ctx context.Context, key []byte) error {
 	if len(key) != int(h.keyBytes) {
 		return fmt.Errorf("%w: key is %d bytes, header says %d", ErrWrongKey, len(key), h.keyBytes)
 	}
@@ -214,7 +220,10 @@ func (h *luks1Header) verifyKey(key []byte) error {
 	if err != nil {
 		return err
 	}
-	d := pbkdf2Key(hf, key, h.mkDigestSalt[:], int(h.mkDigestIter), luks1DigestLen)
+	d, err := pbkdf2KeyContext(ctx, hf, key, h.mkDigestSalt[:], int(h.mkDigestIter), luks1DigestLen)
+	if err != nil {
+		return err
+	}
 	defer clear(d)
 	if !constantTimeEqual(d, h.mkDigest[:]) {
 		return ErrWrongKey
@@ -227,15 +236,20 @@ func (h *luks1Header) verifyKey(key []byte) error {
 var errMismatch = errors.New("passphrase does not match")
 
 // openSlot tries one active keyslot. It returns errMismatch when the
-// passphrase is wrong.
-func (h *luks1Header) openSlot(r io.ReaderAt, i int, pass []byte) ([]byte, error) {
+// passphrase is wrong, an ErrKDFLimit error (before any work) when the
+// keyslot costs more than lim allows, and ctx's error when ctx is done.
+func (h *luks1Header) openSlot(ctx context.Context, r io.ReaderAt, i int, pass []byte, lim KDFLimits) ([]byte, error) {
 	s := h.slots[i]
 	hf, err := lookupHash(h.hashSpec)
 	if err != nil {
 		return nil, err
 	}
 	kdf := kdfParams{typ: KDFPBKDF2, hash: h.hashSpec, iterations: s.iterations, salt: s.salt[:]}
-	derived, err := kdf.derive(pass, int(h.keyBytes))
+	digest := pbkdf2Cost{h.hashSpec, h.mkDigestIter, luks1DigestLen}
+	if err := checkCost(fmt.Sprintf("keyslot %d", i), &kdf, int(h.keyBytes), digest, lim); err != nil {
+		return nil, err
+	}
+	derived, err := kdf.derive(ctx, pass, int(h.keyBytes))
 	if err != nil {
 		return nil, err
 	}
@@ -250,7 +264,7 @@ func (h *luks1Header) openSlot(r io.ReaderAt, i int, pass []byte) ([]byte, error
 	}
 	key := keyBuf(int(h.keyBytes))
 	afMerge(hf, area, key, stripes)
-	if err := h.verifyKey(key); err != nil {
+	if err := h.verifyKeyContext(ctx, key); err != nil {
 		freeKey(key)
 		if errors.Is(err, ErrWrongKey) {
 			return nil, errMismatch
@@ -287,7 +301,7 @@ func (h *luks1Header) storeSlot(w io.WriterAt, i int, key, pass []byte, kdf *kdf
 	if err != nil {
 		return s, err
 	}
-	derived, err := kdf.derive(pass, int(h.keyBytes))
+	derived, err := kdf.derive(context.Background(), pass, int(h.keyBytes))
 	if err != nil {
 		return s, err
 	}

@@ -2,6 +2,7 @@ package luksfmt
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -172,13 +173,17 @@ func primaryMagic(r io.ReaderAt) []byte {
 	return b[:6]
 }
 
-// verifyDigest checks a key against digest d.
-func verifyDigest(d *luks2Digest, key []byte) error {
+// verifyDigest checks a key against digest d; it stops with ctx's error
+// when ctx is done.
+func verifyDigest(ctx context.Context, d *luks2Digest, key []byte) error {
 	hf, err := lookupHash(d.hash)
 	if err != nil {
 		return err
 	}
-	got := pbkdf2Key(hf, key, d.salt, int(d.iterations), len(d.digest))
+	got, err := pbkdf2KeyContext(ctx, hf, key, d.salt, int(d.iterations), len(d.digest))
+	if err != nil {
+		return err
+	}
 	defer clear(got)
 	if !constantTimeEqual(got, d.digest) {
 		return ErrWrongKey
@@ -190,11 +195,13 @@ func (h *luks2Header) verifyKey(key []byte) error {
 	if ks := h.meta.keySize(); ks != 0 && ks != len(key) {
 		return fmt.Errorf("%w: key is %d bytes, keyslots hold %d", ErrWrongKey, len(key), ks)
 	}
-	return verifyDigest(h.meta.digs[h.meta.segDigest], key)
+	return verifyDigest(context.Background(), h.meta.digs[h.meta.segDigest], key)
 }
 
-// openSlot tries one keyslot; errMismatch means a wrong passphrase.
-func (h *luks2Header) openSlot(r io.ReaderAt, s *luks2Keyslot, pass []byte) ([]byte, error) {
+// openSlot tries one keyslot; errMismatch means a wrong passphrase, an
+// ErrKDFLimit error (before any work) a keyslot costing more than lim
+// allows, ctx's error that ctx is done.
+func (h *luks2Header) openSlot(ctx context.Context, r io.ReaderAt, s *luks2Keyslot, pass []byte, lim KDFLimits) ([]byte, error) {
 	hf, err := lookupHash(s.afHash)
 	if err != nil {
 		return nil, err
@@ -203,9 +210,17 @@ func (h *luks2Header) openSlot(r io.ReaderAt, s *luks2Keyslot, pass []byte) ([]b
 	if err != nil {
 		return nil, err
 	}
-	derived, err := s.kdf.derive(pass, s.areaKeySize)
+	name := fmt.Sprintf("keyslot %d", s.id)
+	d := h.meta.digs[s.digest]
+	if err := checkCost(name, &s.kdf, s.areaKeySize, pbkdf2Cost{d.hash, d.iterations, len(d.digest)}, lim); err != nil {
+		if errors.Is(err, ErrKDFLimit) {
+			return nil, err // names the keyslot
+		}
+		return nil, withContext(err, name)
+	}
+	derived, err := s.kdf.derive(ctx, pass, s.areaKeySize)
 	if err != nil {
-		return nil, withContext(err, fmt.Sprintf("keyslot %d", s.id))
+		return nil, withContext(err, name)
 	}
 	defer freeKey(derived)
 	area := keyBuf(afSectors(s.keySize, stripes) * sectorSize)
@@ -218,7 +233,7 @@ func (h *luks2Header) openSlot(r io.ReaderAt, s *luks2Keyslot, pass []byte) ([]b
 	}
 	key := keyBuf(s.keySize)
 	afMerge(hf, area, key, stripes)
-	if err := verifyDigest(h.meta.digs[s.digest], key); err != nil {
+	if err := verifyDigest(ctx, d, key); err != nil {
 		freeKey(key)
 		if errors.Is(err, ErrWrongKey) {
 			return nil, errMismatch
@@ -254,7 +269,7 @@ func (h *luks2Header) storeArea(w io.WriterAt, key, pass []byte, kdf *kdfParams,
 	if err != nil {
 		return err
 	}
-	derived, err := kdf.derive(pass, len(key))
+	derived, err := kdf.derive(context.Background(), pass, len(key))
 	if err != nil {
 		return err
 	}

@@ -2,6 +2,7 @@ package luksfmt
 
 import (
 	"bytes"
+	"context"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -61,7 +62,7 @@ func TestPeerQEMULayout(t *testing.T) {
 	if qi.CipherAlg != mi.CipherAlg || qi.CipherMode != mi.CipherMode || qi.IVGenAlg != mi.IVGenAlg || qi.HashAlg != mi.HashAlg {
 		t.Fatalf("qemu %+v, ours %+v", qi, mi)
 	}
-	key, slot, err := h.Unlock(passA, AnySlot)
+	key, slot, err := h.Unlock(context.Background(), passA, AnySlot, KDFLimits{})
 	if err != nil || slot != 0 {
 		t.Fatalf("Unlock: %d %v", slot, err)
 	}

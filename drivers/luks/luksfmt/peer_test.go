@@ -2,6 +2,7 @@ package luksfmt
 
 import (
 	"bytes"
+	"context"
 	"crypto/aes"
 	"crypto/rand"
 	"encoding/json"
@@ -222,7 +223,7 @@ func TestPeerWeOpenCryptsetups(t *testing.T) {
 			want := csVolumeKey(t, hdr, pw)
 
 			h := openFile(t, hdr)
-			key, slot, err := h.Unlock(passC, AnySlot)
+			key, slot, err := h.Unlock(context.Background(), passC, AnySlot, KDFLimits{})
 			if err != nil || slot != 0 {
 				t.Fatalf("Unlock: %d %v", slot, err)
 			}
@@ -364,7 +365,7 @@ func TestPeerTokensSurvive(t *testing.T) {
 	before := strings.TrimSpace(mustCryptsetup(t, "token", "export", "--token-id", "5", img))
 
 	h, f := openRW(t, img)
-	key, _, err := h.Unlock(passA, AnySlot)
+	key, _, err := h.Unlock(context.Background(), passA, AnySlot, KDFLimits{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -419,7 +420,7 @@ func TestPeerPayload(t *testing.T) {
 			}
 			mustCryptsetup(t, append(append(args, tc.args...), data)...)
 			h := openFile(t, hdr)
-			key, _, err := h.Unlock(passA, AnySlot)
+			key, _, err := h.Unlock(context.Background(), passA, AnySlot, KDFLimits{})
 			if err != nil {
 				t.Fatal(err)
 			}

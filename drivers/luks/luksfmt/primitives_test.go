@@ -2,6 +2,7 @@ package luksfmt
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"crypto/sha1" //nolint:gosec // RFC 6070 vectors
 	"crypto/sha256"
@@ -56,7 +57,7 @@ func TestPBKDF2MatchesXCrypto(t *testing.T) {
 				}
 				// The parallel form (one goroutine per output block).
 				got := keyBuf(n)
-				pbkdf2Into(got, h, pass, salt, 7)
+				pbkdf2Into(context.Background(), got, h, pass, salt, 7)
 				if !bytes.Equal(got, want) {
 					t.Fatalf("parallel: hash size %d, password %d bytes, key %d bytes: mismatch", h().Size(), plen, n)
 				}
@@ -140,7 +141,7 @@ func TestKDFLimits(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			// derive must refuse before allocating or computing anything.
-			if _, err := tc.p.derive([]byte("x"), 32); err == nil || !errors.Is(err, tc.want) {
+			if _, err := tc.p.derive(context.Background(), []byte("x"), 32); err == nil || !errors.Is(err, tc.want) {
 				t.Fatalf("derive: %v, want %v", err, tc.want)
 			}
 		})
@@ -192,7 +193,7 @@ func TestKDFCalibration(t *testing.T) {
 		t.Fatalf("pbkdf2 iterations %d", p.iterations)
 	}
 	start := startClock()
-	k, err := p.derive([]byte("x"), 64)
+	k, err := p.derive(context.Background(), []byte("x"), 64)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,6 +1,7 @@
 package luksfmt
 
 import (
+	"context"
 	"slices"
 	"testing"
 )
@@ -53,7 +54,7 @@ func TestStaleCopyRecoveredBeforeUpdate(t *testing.T) {
 		if slices.Contains(after.ActiveSlots(), 1) {
 			t.Fatalf("interrupted at write %d/%d: the erased keyslot 1 is back (the header fell back to a stale copy)", k, writes)
 		}
-		if kk, _, err := after.Unlock(passA, AnySlot); err != nil {
+		if kk, _, err := after.Unlock(context.Background(), passA, AnySlot, KDFLimits{}); err != nil {
 			t.Fatalf("interrupted at write %d/%d: the main passphrase no longer opens: %v", k, writes, err)
 		} else {
 			Wipe(kk)

@@ -2,6 +2,7 @@ package luksfmt
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha1" //nolint:gosec // the upstream test states a sha1 checksum
 	"crypto/sha256"
 	"encoding/hex"
@@ -50,13 +51,13 @@ func TestUpstreamLUKS1Compat(t *testing.T) {
 				h.PayloadOffset() != tc.payloadOff || in.Slots[0].KeyOffset != tc.keyOffset0 || !in.Slots[0].Active || in.Slots[1].Active {
 				t.Fatalf("unexpected header: %+v", in)
 			}
-			if _, _, err := h.Unlock([]byte("wrong"), AnySlot); !errors.Is(err, ErrWrongPassphrase) || err.Error() != "Invalid password, cannot unlock any keyslot" {
+			if _, _, err := h.Unlock(context.Background(), []byte("wrong"), AnySlot, KDFLimits{}); !errors.Is(err, ErrWrongPassphrase) || err.Error() != "Invalid password, cannot unlock any keyslot" {
 				t.Fatalf("wrong passphrase: %v", err)
 			}
-			if _, _, err := h.Unlock([]byte(tc.pass), 1); !errors.Is(err, ErrSlotInactive) {
+			if _, _, err := h.Unlock(context.Background(), []byte(tc.pass), 1, KDFLimits{}); !errors.Is(err, ErrSlotInactive) {
 				t.Fatalf("inactive slot: %v", err)
 			}
-			key, slot, err := h.Unlock([]byte(tc.pass), AnySlot)
+			key, slot, err := h.Unlock(context.Background(), []byte(tc.pass), AnySlot, KDFLimits{})
 			if err != nil || slot != 0 {
 				t.Fatalf("Unlock: slot %d, %v", slot, err)
 			}
@@ -89,7 +90,7 @@ func TestUpstreamLUKS2Compat(t *testing.T) {
 		pass string
 		slot int
 	}{{"compatkey", 0}, {"0123456789abcdef", 1}} {
-		key, slot, err := h.Unlock([]byte(tc.pass), AnySlot)
+		key, slot, err := h.Unlock(context.Background(), []byte(tc.pass), AnySlot, KDFLimits{})
 		if err != nil || slot != tc.slot {
 			t.Fatalf("Unlock(%q): slot %d, %v", tc.pass, slot, err)
 		}
@@ -98,7 +99,7 @@ func TestUpstreamLUKS2Compat(t *testing.T) {
 	if !bytes.Equal(keys[0], keys[1]) {
 		t.Fatal("keyslots 0 and 1 give different volume keys")
 	}
-	if _, _, err := h.Unlock([]byte("compatkey"), 1); !errors.Is(err, ErrWrongPassphrase) {
+	if _, _, err := h.Unlock(context.Background(), []byte("compatkey"), 1, KDFLimits{}); !errors.Is(err, ErrWrongPassphrase) {
 		t.Fatalf("keyslot 1 with keyslot 0's passphrase: %v", err)
 	}
 	if err := h.VerifyKey(keys[0]); err != nil {
@@ -142,7 +143,7 @@ func TestUpstreamLUKS1Images(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			key, _, err := h.Unlock(pass, AnySlot)
+			key, _, err := h.Unlock(context.Background(), pass, AnySlot, KDFLimits{})
 			if !strings.HasPrefix(name, "luks1_aes-") || strings.Contains(name, "lrw") {
 				if !errors.Is(err, ErrUnsupported) {
 					t.Fatalf("Unlock: %v, want ErrUnsupported", err)
@@ -184,7 +185,7 @@ func TestUpstreamLUKS2MetadataSizes(t *testing.T) {
 			if h.HeaderSize() != 12550144 {
 				t.Fatalf("header size %d, want 12550144", h.HeaderSize())
 			}
-			key, _, err := h.Unlock([]byte("Qx3qn46vq0v"), AnySlot)
+			key, _, err := h.Unlock(context.Background(), []byte("Qx3qn46vq0v"), AnySlot, KDFLimits{})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -215,7 +216,7 @@ func TestUpstreamLUKS2Requirements(t *testing.T) {
 
 	path := files["luks2_header_requirements_free"]
 	h, w := openRW(t, path)
-	key, slot, err := h.Unlock([]byte("blablabl"), AnySlot)
+	key, slot, err := h.Unlock(context.Background(), []byte("blablabl"), AnySlot, KDFLimits{})
 	if err != nil || slot != 0 {
 		t.Fatalf("Unlock: %d %v", slot, err)
 	}
@@ -232,7 +233,7 @@ func TestUpstreamLUKS2Requirements(t *testing.T) {
 	if got := tokensJSON(t, h2); got != before {
 		t.Fatalf("tokens changed:\n%s\n%s", before, got)
 	}
-	if _, s, err := h2.Unlock([]byte("second"), AnySlot); err != nil || s != 1 {
+	if _, s, err := h2.Unlock(context.Background(), []byte("second"), AnySlot, KDFLimits{}); err != nil || s != 1 {
 		t.Fatalf("Unlock new key: %d %v", s, err)
 	}
 	// Killing keyslot 0 removes it from the tokens that reference it.
