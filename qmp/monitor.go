@@ -254,7 +254,11 @@ func (m *Monitor) dispatcher() {
 			if r.err != nil {
 				m.send(map[string]any{"error": AsError(r.err)})
 			} else {
+				// A client that goes away entirely (not just half-closed)
+				// cancels the command: nothing waits for its reply.
+				stop := watchHangup(m.conn, m.cancel)
 				m.reply(r.v)
+				stop()
 			}
 		}
 		if r.done != nil {
