@@ -1,6 +1,6 @@
 # blockd: build, test and fuzz.
 GO ?= go
-PEERS = qemu-utils qemu-system-common cryptsetup-bin libnbd-bin python3-libnbd fio nbdkit xz-utils openssl
+PEERS = qemu-utils qemu-system-common cryptsetup-bin libnbd-bin python3-libnbd fio nbdkit xz-utils openssl gnutls-bin
 FUZZTIME ?= 5s
 
 .PHONY: all build test vet race fuzz peers

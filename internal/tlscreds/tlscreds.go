@@ -7,7 +7,10 @@
 // ca-crl.pem and dh-params.pem, loaded and sanity-checked the way QEMU 7.2
 // does and with its error messages. Go's TLS stack only offers ECDHE key
 // exchange, so dh-params.pem is checked for presence but not used, and
-// GnuTLS priority strings cannot be honoured.
+// GnuTLS priority strings cannot be honoured. A server with verify-peer
+// names no CAs in its certificate request and verifies the client's chain
+// itself (see verifyClient: GnuTLS clients with RSA keys need that under
+// TLS 1.3).
 //
 // tls-creds-psk and tls-creds-anon cannot be supported: crypto/tls has
 // neither pre-shared keys nor anonymous Diffie-Hellman.
@@ -174,13 +177,13 @@ func LoadX509(o X509Options) (*tls.Config, error) {
 
 	if server {
 		if o.VerifyPeer {
-			cfg.ClientAuth = tls.RequireAndVerifyClientCert
-			cfg.ClientCAs = pool
+			// ClientCAs stays nil so that the CertificateRequest names
+			// no CAs; verifyClient checks the chain against pool and
+			// says why.
+			cfg.ClientAuth = tls.RequireAnyClientCert
+			cfg.VerifyConnection = verifyClient(pool, crl, now)
 		} else {
 			cfg.ClientAuth = tls.NoClientCert
-		}
-		if crl != nil {
-			cfg.VerifyPeerCertificate = revocationCheck(crl)
 		}
 	} else {
 		cfg.RootCAs = pool
@@ -303,20 +306,56 @@ func loadCRL(path string, cas []*x509.Certificate) (*x509.RevocationList, error)
 	return nil, fmt.Errorf("Cannot load CRL '%s': not signed by a CA in the CA certificate list", path)
 }
 
-// revocationCheck rejects peer certificates listed in crl.
-func revocationCheck(crl *x509.RevocationList) func([][]byte, [][]*x509.Certificate) error {
-	return func(_ [][]byte, chains [][]*x509.Certificate) error {
-		for _, chain := range chains {
-			for _, c := range chain {
-				for _, r := range crl.RevokedCertificateEntries {
-					if r.SerialNumber.Cmp(c.SerialNumber) == 0 && bytes.Equal(c.RawIssuer, crl.RawIssuer) {
-						return fmt.Errorf("certificate %s has been revoked", c.Subject)
-					}
-				}
-			}
+// verifyClient returns a server's VerifyConnection: the client's
+// certificate must chain to a CA in roots, be valid now, allow client
+// authentication, and not be revoked by crl (which may be nil). It runs
+// for resumed sessions too.
+//
+// crypto/tls could do this itself (RequireAndVerifyClientCert with
+// ClientCAs), but then its TLS 1.3 CertificateRequest lists the CAs'
+// names, and GnuTLS clients before 3.8.13 that load a single key pair from
+// files (libnbd's tls-certificates, QEMU's tls-creds-x509) then look for a
+// certificate whose issuer is listed *and* whose key type matches a
+// signature scheme in the request. They take the key type of
+// rsa_pss_rsae_* as RSA-PSS, not RSA, and Go offers no rsa_pkcs1_* scheme
+// under TLS 1.3 (GnuTLS servers such as qemu-storage-daemon do), so an RSA
+// client certificate never matched: the client sent none. With no CA list
+// those clients send their only certificate, of whatever key type.
+func verifyClient(roots *x509.CertPool, crl *x509.RevocationList, now func() time.Time) func(tls.ConnectionState) error {
+	return func(cs tls.ConnectionState) error {
+		if len(cs.PeerCertificates) == 0 {
+			return errors.New("client didn't provide a certificate")
+		}
+		inter := x509.NewCertPool()
+		for _, c := range cs.PeerCertificates[1:] {
+			inter.AddCert(c)
+		}
+		chains, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{
+			Roots: roots, Intermediates: inter, CurrentTime: now(),
+			KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		})
+		if err != nil {
+			return fmt.Errorf("failed to verify client certificate: %w", err)
+		}
+		if crl != nil {
+			return revocationCheck(crl, chains)
 		}
 		return nil
 	}
+}
+
+// revocationCheck rejects chains holding a certificate listed in crl.
+func revocationCheck(crl *x509.RevocationList, chains [][]*x509.Certificate) error {
+	for _, chain := range chains {
+		for _, c := range chain {
+			for _, r := range crl.RevokedCertificateEntries {
+				if r.SerialNumber.Cmp(c.SerialNumber) == 0 && bytes.Equal(c.RawIssuer, crl.RawIssuer) {
+					return fmt.Errorf("certificate %s has been revoked", c.Subject)
+				}
+			}
+		}
+	}
+	return nil
 }
 
 // sanityCheck mirrors qcrypto_tls_creds_x509_sanity_check.
