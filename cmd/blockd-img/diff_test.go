@@ -248,6 +248,21 @@ var diffCases = []diffCase{
 	{name: "qcow2-check-fix-dirty", args: args("check", "-r", "all", "dirty.qcow2"), out: "text-noend", mutates: true,
 		after: args("check", "dirty.qcow2"), afterOut: "text-noend", check: checkedBoth("dirty.qcow2")},
 	{name: "qcow2-check-fix-dirty-leaks", args: args("check", "-r", "leaks", "dirty.qcow2"), out: "text-noend", mutates: true},
+	// Tables past the end of the file: QEMU opens such images (the part
+	// past the end reads as zeroes) and its check reports them.
+	{name: "qcow2-check-l1-past-end", args: args("check", "l1past.qcow2"), out: "text"},
+	{name: "qcow2-check-l1-past-end-json", args: args("check", "--output=json", "l1past.qcow2"), out: "json"},
+	{name: "qcow2-check-l1-past-end-fix", args: args("check", "-r", "all", "l1past.qcow2"), out: "text", mutates: true},
+	{name: "qcow2-check-l1-past-end-fix-leaks", args: args("check", "-r", "leaks", "l1past.qcow2"), out: "text", mutates: true},
+	{name: "qcow2-info-l1-past-end", args: args("info", "--output=json", "l1past.qcow2"), out: "json"},
+	{name: "qcow2-check-reftable-past-end", args: args("check", "rtpast.qcow2"), out: "text"},
+	{name: "qcow2-check-reftable-past-end-json", args: args("check", "--output=json", "rtpast.qcow2"), out: "json"},
+	{name: "qcow2-check-reftable-past-end-fix", args: args("check", "-r", "all", "rtpast.qcow2"), out: "text-noend", mutates: true,
+		after: args("check", "rtpast.qcow2"), afterOut: "text-noend", check: checkedBoth("rtpast.qcow2")},
+	{name: "qcow2-check-reftable-past-end-fix-leaks", args: args("check", "-r", "leaks", "rtpast.qcow2"), out: "text", mutates: true},
+	{name: "qcow2-check-l1-at-end", args: args("check", "l1end.qcow2"), out: "text"},
+	{name: "qcow2-check-l1-at-end-fix", args: args("check", "-r", "all", "l1end.qcow2"), out: "text-noend", mutates: true,
+		after: args("check", "l1end.qcow2"), afterOut: "text-noend", check: checkedBoth("l1end.qcow2")},
 	{name: "qcow2-measure", args: args("measure", "-O", "qcow2", "src.img"), out: "text"},
 	// Metadata preallocation: the file's holes read as zeroes.
 	{name: "qcow2-prealloc-map", args: args("map", "--output=json", "pm.qcow2"), out: "text"},

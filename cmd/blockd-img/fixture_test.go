@@ -43,6 +43,10 @@ const (
 //	enc.qcow2  LUKS-encrypted qcow2 (passphrase pw), data at 0
 //	snap.qcow2  snapshots "s1" (data 1 at 0) and "s2" (data 2 at 0 and 3
 //	         at 2M), then data 4 at 1M
+//	l1past.qcow2, rtpast.qcow2  q.qcow2 with its L1 or refcount table
+//	         offset at 1 TiB, far past the end of the file
+//	l1end.qcow2  q.qcow2 with its L1 table at the end of the file (less
+//	         than a cluster past it)
 //	pw, pw2  passphrases
 func fixture(t *testing.T) string {
 	t.Helper()
@@ -136,4 +140,15 @@ func buildFixture(ft *fixtureT, dir string) {
 	mustRun(t, dir, "qemu-img", "snapshot", "-c", "s2", "snap.qcow2")
 	mustRun(t, dir, "qemu-io", "-f", "qcow2", "-c", "write -P 4 1M 512k", "snap.qcow2")
 	_ = runIn(t, dir, "qemu-io", "-f", "qcow2", "-c", "write -P 4 0 1M", "-c", "write -P 5 4M 64k", "-c", "abort", "dirty.qcow2")
+	q, err := os.ReadFile(filepath.Join(dir, "q.qcow2"))
+	must(err)
+	for _, c := range []struct {
+		name  string
+		field int
+		v     uint64
+	}{{"l1past.qcow2", 40, 1 << 40}, {"rtpast.qcow2", 48, 1 << 40}, {"l1end.qcow2", 40, uint64(len(q))}} {
+		b := append([]byte(nil), q...)
+		binary.BigEndian.PutUint64(b[c.field:], c.v)
+		must(os.WriteFile(filepath.Join(dir, c.name), b, 0o644))
+	}
 }

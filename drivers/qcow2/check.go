@@ -78,6 +78,7 @@ func (n *node) Check(ctx context.Context, fix int) (*CheckReport, error) {
 	// The repair reads and writes tables directly: start from an empty,
 	// clean L2 cache and leave one.
 	m.l2.drop()
+	movedReftable := !leaksOnly && m.reftablePastEnd()
 	copied, err := m.repairCountLocked(ctx, leaksOnly)
 	if err != nil {
 		r.CheckErrors++
@@ -88,8 +89,14 @@ func (n *node) Check(ctx context.Context, fix int) (*CheckReport, error) {
 	r.Leaks = 0
 	if !leaksOnly {
 		// As QEMU: the refcounts are fixed first, then the COPIED flags
-		// that still disagree with them.
-		r.CorruptionsFixed = r.Corruptions - int64(res.CopiedErrors) + int64(copied)
+		// that still disagree with them; regions past the end of the
+		// file stay (the check after the repair finds them again),
+		// unless the refcount table was one of them and moved into the
+		// file.
+		r.CorruptionsFixed = r.Corruptions - int64(res.CopiedErrors) - int64(res.Beyond) + int64(copied)
+		if movedReftable {
+			r.CorruptionsFixed++
+		}
 		r.Corruptions = 0
 	}
 	return r, nil

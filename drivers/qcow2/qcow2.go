@@ -252,7 +252,10 @@ func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 	if file == nil {
 		return nil, errors.New("A block device must be specified for \"file\"")
 	}
-	h, err := qcow2fmt.Parse(childIO{ctx, file}, file.Size())
+	// Tables past the end of the file read as zeroes (as in QEMU) for
+	// read-only opens and checks; writes through them would grow the
+	// file to wherever they point.
+	h, err := qcow2fmt.ParseWith(childIO{ctx, file}, file.Size(), qcow2fmt.ParseOptions{TablesPastEnd: ro || o.Graph().CheckOpen})
 	if err != nil {
 		return nil, err
 	}

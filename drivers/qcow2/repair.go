@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 
 	"blockd/drivers/qcow2/qcow2fmt"
@@ -45,6 +46,18 @@ func (m *image) repairCountLocked(ctx context.Context, leaksOnly bool) (int, err
 	}
 	m.reserved = func(c int64) bool { return want(c) > 0 }
 	defer func() { m.reserved, m.repairAdj = nil, nil }()
+	if rt := int64(m.h.RefcountTableOffset); m.reftablePastEnd() {
+		// The refcount table lies past the end of the file (it read as
+		// zeroes): refcount blocks cannot be hooked up there without
+		// growing the file to it, so the table moves into the file
+		// first, as QEMU's rebuild does.
+		if leaksOnly {
+			return 0, fmt.Errorf("qcow2: the refcount table at %#x lies past the end of the file", rt)
+		}
+		if err := m.relocateReftableLocked(ctx, want); err != nil {
+			return 0, err
+		}
+	}
 	bits := m.g.RefblockBits
 	limit := max(refs.Clusters(), int64(len(m.reftable))<<bits)
 	for c := int64(0); c < limit; c++ {
@@ -52,11 +65,10 @@ func (m *image) repairCountLocked(ctx context.Context, leaksOnly bool) (int, err
 		if err != nil {
 			return 0, err
 		}
-		if b == nil {
-			// Nothing stored here: only references need a block.
-			if c >= refs.Clusters() || want(c) == 0 {
-				continue
-			}
+		if b == nil && want(c) == 0 {
+			// Nothing stored here: only references (and what the
+			// repair itself placed) need a block.
+			continue
 		}
 		if leaksOnly {
 			cur, err := m.refcount(ctx, c)
@@ -151,4 +163,61 @@ func (m *image) fixCopiedLocked(ctx context.Context) (int, error) {
 		}
 	}
 	return fixed, nil
+}
+
+// relocateReftableLocked writes the in-memory refcount table (its entries
+// past the end of the file are zeroes) to the first free run of clusters,
+// by the references the metadata implies, and points the header at it.
+// The repair that follows counts it (repairAdj) and hooks up the refcount
+// blocks in it. metaMu is held.
+func (m *image) relocateReftableLocked(ctx context.Context, want func(int64) uint64) error {
+	cs := m.cs()
+	nt := int64(m.h.RefcountTableClusters)
+	start, run := int64(1), int64(0)
+	for c := int64(1); run < nt; c++ {
+		if c > qcow2fmt.MaxClusterOffset>>m.g.ClusterBits {
+			return fmt.Errorf("qcow2: no room for the refcount table: %w", errNoSpace)
+		}
+		if want(c) > 0 {
+			run = 0
+			continue
+		}
+		if run == 0 {
+			start = c
+		}
+		run++
+	}
+	off := start * cs
+	if k := m.overlaps(off, nt*cs, olRefcountTable); k != 0 {
+		return m.corruptLocked(ctx, true, off, nt*cs, "Preventing invalid write on metadata (overlaps with %s)", k)
+	}
+	table := make([]byte, nt*cs)
+	copy(table, qcow2fmt.EncodeTable(m.reftable))
+	if err := m.writeMeta(ctx, table, off); err != nil {
+		return err
+	}
+	if err := m.file.Flush(ctx); err != nil {
+		return err
+	}
+	var hdr [8]byte
+	binary.BigEndian.PutUint64(hdr[:], uint64(off))
+	if err := m.file.WriteAt(ctx, hdr[:], 48, 0); err != nil {
+		return err
+	}
+	if err := m.file.Flush(ctx); err != nil {
+		return err
+	}
+	m.h.RefcountTableOffset = uint64(off)
+	m.setRange(olRefcountTable, olRange{off: off, end: off + nt*cs})
+	for c := start; c < start+nt; c++ {
+		m.adjust(c, 1)
+	}
+	return nil
+}
+
+// reftablePastEnd reports a refcount table that starts past the end of
+// the file (in a cluster the file does not reach). metaMu is held.
+func (m *image) reftablePastEnd() bool {
+	cs := m.cs()
+	return int64(m.h.RefcountTableOffset) >= (m.file.Size()+cs-1)/cs*cs
 }

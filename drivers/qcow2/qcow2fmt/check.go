@@ -15,8 +15,12 @@ type Refs struct {
 	counts []uint32 // saturating
 	// Problems are structural errors met while walking (corruptions).
 	Problems []string
-	// Beyond counts references past the end of the file.
-	Beyond int
+	// Beyond counts regions that reach a cluster or more past the end of
+	// the file (QEMU's check counts each as one corruption and leaves it
+	// out of the references), and BeyondMessages names them in QEMU's
+	// words. They do not stop a repair of the refcounts.
+	Beyond         int
+	BeyondMessages []string
 	// CopiedErrors counts active L1/L2 entries whose COPIED flag
 	// disagrees with the refcount (filled by Check).
 	CopiedErrors int
@@ -26,11 +30,19 @@ type Refs struct {
 	fileSize int64
 }
 
-// table reads a table after checking that it lies inside the file, so
-// that hostile sizes cannot make it allocate more than the file holds.
+// table reads the entries of a table that lie inside the file: those past
+// its end read as zeroes (as QEMU reads them), which mean nothing, so they
+// are left out and the slice may be shorter than n. Hostile sizes cannot
+// make it allocate more than the file holds.
 func (r *Refs) table(rd io.ReaderAt, off, n int64) ([]uint64, error) {
-	if n < 0 || off < 0 || n > (r.fileSize-off)/8+1 {
-		return nil, fmt.Errorf("table at %#x with %d entries extends beyond the end of the file", off, n)
+	if n < 0 || off < 0 {
+		return nil, fmt.Errorf("table at %#x with %d entries is invalid", off, n)
+	}
+	if off >= r.fileSize {
+		return nil, nil
+	}
+	if in := (r.fileSize - off) / 8; n > in {
+		n = in
 	}
 	return ReadTable(rd, off, n)
 }
@@ -57,13 +69,20 @@ func (r *Refs) Count(i int64) uint64 {
 	return uint64(r.counts[i])
 }
 
-// Add counts one more reference to every cluster of [off, off+size).
+// Add counts one more reference to every cluster of [off, off+size), as
+// qcow2_inc_refcounts_imrt: a region may end less than a cluster past the
+// end of the file (a last cluster written in part), and its clusters there
+// count too; a region reaching a cluster or more past the end is one
+// corruption and counts nowhere.
 func (r *Refs) Add(off, size int64) {
 	if size <= 0 {
 		return
 	}
-	if off < 0 || off > math.MaxInt64-size {
+	if off < 0 || off > math.MaxInt64-size || off+size-r.fileSize >= r.g.ClusterSize {
 		r.Beyond++
+		if len(r.BeyondMessages) < maxProblems {
+			r.BeyondMessages = append(r.BeyondMessages, fmt.Sprintf("ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset %#x size %#x", uint64(off), size))
+		}
 		return
 	}
 	if end := off + size; end > r.DataEnd {
@@ -71,12 +90,10 @@ func (r *Refs) Add(off, size int64) {
 	}
 	first := off >> r.g.ClusterBits
 	last := (off + size - 1) >> r.g.ClusterBits
+	for int64(len(r.counts)) <= last {
+		r.counts = append(r.counts, 0)
+	}
 	for c := first; c <= last; c++ {
-		if c >= int64(len(r.counts)) {
-			r.Beyond++
-			r.problem("reference to cluster %d (offset %#x) beyond the end of the file", c, c<<r.g.ClusterBits)
-			return
-		}
 		if r.counts[c] != math.MaxUint32 {
 			r.counts[c]++
 		}
@@ -185,6 +202,9 @@ func (r *Refs) walkL1(rd io.ReaderAt, h *Header, l1off, l1size int64, which stri
 			}
 		}
 		r.Add(l2off, g.ClusterSize)
+		if l2off >= r.fileSize {
+			continue // reads as zeroes: no entries
+		}
 		if err := readAt(rd, l2, l2off); err != nil {
 			r.problem("reading %s L2 table at %#x: %v", which, l2off, err)
 			continue
@@ -229,6 +249,10 @@ type CheckResult struct {
 	// CopiedErrors are the corruptions that are COPIED flags disagreeing
 	// with the stored refcount (included in Corruptions).
 	CopiedErrors int
+	// Beyond are the corruptions that are regions reaching a cluster or
+	// more past the end of the file (included in Corruptions): a repair
+	// of the refcounts leaves them.
+	Beyond int
 	// NeedRebuild: a referenced cluster has no refcount at all (QEMU
 	// rebuilds the refcount structures then, and fixing leaks alone
 	// cannot help).
@@ -241,7 +265,7 @@ func (c *CheckResult) OK() bool { return c.Corruptions == 0 && c.Leaks == 0 }
 // Check compares the refcounts stored in the image with those its metadata
 // implies, and the COPIED flags of the active tables with the refcounts.
 func Check(rd io.ReaderAt, fileSize int64) (*CheckResult, error) {
-	h, err := ParseWith(rd, fileSize, ParseOptions{})
+	h, err := ParseWith(rd, fileSize, ParseOptions{TablesPastEnd: true})
 	if err != nil {
 		return nil, err
 	}
@@ -251,6 +275,8 @@ func Check(rd io.ReaderAt, fileSize int64) (*CheckResult, error) {
 	}
 	res := &CheckResult{}
 	res.Corruptions = len(refs.Problems) + refs.Beyond
+	res.Beyond = refs.Beyond
+	res.Messages = append(res.Messages, refs.BeyondMessages...)
 	res.Messages = append(res.Messages, refs.Problems...)
 	stored, err := StoredRefcounts(rd, h, fileSize)
 	if err != nil {

@@ -237,6 +237,48 @@ func TestCheckMinimal(t *testing.T) {
 	}
 }
 
+// TestCheckTablesPastEnd checks images whose L1 or refcount table lies
+// past the end of the file as QEMU's check counts them: a region reaching
+// a cluster or more past the end is one corruption and counts nowhere, a
+// region ending less than a cluster past it counts there, and table
+// entries past the end read as zeroes.
+func TestCheckTablesPastEnd(t *testing.T) {
+	be := binary.BigEndian
+	cases := []struct {
+		name                       string
+		mod                        func(b []byte)
+		corruptions, leaks, beyond int
+		rebuild                    bool
+	}{
+		// The old L1 cluster leaks; the table is one corruption.
+		{"L1 far past the end", func(b []byte) { be.PutUint64(b[40:], 1<<40) }, 1, 1, 1, false},
+		// The L1 table ends 8 bytes into cluster 4, which has no refcount.
+		{"L1 at the end", func(b []byte) { be.PutUint64(b[40:], 4<<16) }, 1, 1, 0, true},
+		// Nothing has a refcount: the header and the L1 table are errors.
+		{"refcount table past the end", func(b []byte) { be.PutUint64(b[48:], 1<<40) }, 3, 0, 1, true},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			img := minimal(3, 16, 1<<20)
+			c.mod(img)
+			if _, err := Parse(memImage(img), int64(len(img))); err == nil && c.beyond > 0 {
+				t.Fatal("a normal parse accepted a table past the end of the file")
+			}
+			if _, err := ParseWith(memImage(img), int64(len(img)), ParseOptions{TablesPastEnd: true}); err != nil {
+				t.Fatal(err)
+			}
+			res, err := Check(memImage(img), int64(len(img)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Corruptions != c.corruptions || res.Leaks != c.leaks || res.Beyond != c.beyond || res.NeedRebuild != c.rebuild {
+				t.Fatalf("got %d corruptions, %d leaks, %d past the end, rebuild %v (%q); want %d, %d, %d, %v",
+					res.Corruptions, res.Leaks, res.Beyond, res.NeedRebuild, res.Messages, c.corruptions, c.leaks, c.beyond, c.rebuild)
+			}
+		})
+	}
+}
+
 func TestDecompressRoundTrip(t *testing.T) {
 	src := bytes.Repeat([]byte("qcow2 compressed cluster "), 3000)[:65536]
 	for _, typ := range []uint8{CompressionZlib, CompressionZstd} {

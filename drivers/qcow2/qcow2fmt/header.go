@@ -262,6 +262,12 @@ type ParseOptions struct {
 	// Check skips the checks that a repair tool must get past (a missing
 	// refcount table, the snapshot table bounds), as QEMU's BDRV_O_CHECK.
 	Check bool
+	// TablesPastEnd accepts an active L1 table or a refcount table that
+	// lies (partly) past the end of the file, as QEMU does (its part past
+	// the end reads as zeroes): for a consistency check, which reports it,
+	// and for read-only opens. Offsets are still validated for alignment
+	// and overflow.
+	TablesPastEnd bool
 }
 
 // Parse reads and validates the header and the header extensions of the
@@ -396,7 +402,7 @@ func ParseWith(r io.ReaderAt, fileSize int64, po ParseOptions) (*Header, error) 
 	if uint64(h.L1Size) < need {
 		return nil, errorf("L1 table is too small")
 	}
-	if fileSize >= 0 {
+	if fileSize >= 0 && !po.TablesPastEnd {
 		if end := h.L1TableOffset + 8*uint64(h.L1Size); h.L1Size > 0 && end > uint64(fileSize) {
 			return nil, errorf("Active L1 table (offset %#x, %d entries) extends beyond the end of the file (%d bytes)", h.L1TableOffset, h.L1Size, fileSize)
 		}
