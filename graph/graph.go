@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -485,10 +486,19 @@ func (o *Opener) Secret(id string) ([]byte, error) {
 type ChildSpec struct {
 	Role Role
 	// OnlyWhenNeeded drops write and resize from the edge unless the
-	// parent's users need them (QEMU's raw driver does this).
+	// parent's users need them (QEMU's raw and crypto drivers do this).
 	OnlyWhenNeeded bool
-	// ExtraPerm is taken on top of the derived permissions.
+	// ShareAsParent shares write and resize whenever the parent's users
+	// share them, whatever the role says (QEMU's crypto driver, which is
+	// "not fully a format driver": a luks node's file is as shareable as
+	// the luks node).
+	ShareAsParent bool
+	// ExtraPerm is taken on top of the derived permissions, and Unshare
+	// taken out of the shared ones (a luks node updating its keyslots
+	// takes write and unshares consistent read and write, as QEMU's
+	// crypto driver does while updating_keys is set).
 	ExtraPerm Perm
+	Unshare   Perm
 	// ReadOnly edges only read and share everything: a detached LUKS
 	// header shared by several luks nodes. Writers attach separately for
 	// the duration of a metadata update.
@@ -496,11 +506,13 @@ type ChildSpec struct {
 }
 
 // childPerm computes an edge's permissions from the parent's cumulative
-// permissions, following QEMU's bdrv_default_perms.
-func childPerm(spec ChildSpec, writable bool, perm, shared Perm) (Perm, Perm) {
+// permissions, following QEMU's bdrv_default_perms (and, with the spec's
+// flags, raw_child_perm and block_crypto_child_perms).
+func childPerm(spec ChildSpec, writable bool, parentPerm, parentShared Perm) (Perm, Perm) {
 	if spec.ReadOnly {
 		return PermRead, PermAll
 	}
+	perm, shared := parentPerm, parentShared
 	role := spec.Role
 	switch {
 	case role&RoleCOW != 0:
@@ -528,14 +540,16 @@ func childPerm(spec ChildSpec, writable bool, perm, shared Perm) (Perm, Perm) {
 				perm |= PermResize
 			}
 		}
-		shared |= PermWriteUnchanged
 	}
 	if spec.OnlyWhenNeeded {
-		parent := perm
 		perm &^= PermWrite | PermResize
-		perm |= parent & (PermWrite | PermResize)
+		perm |= parentPerm & (PermWrite | PermResize)
+	}
+	if spec.ShareAsParent {
+		shared |= parentShared & (PermWrite | PermResize)
 	}
 	perm |= spec.ExtraPerm
+	shared &^= spec.Unshare
 	if !writable {
 		perm &^= PermWrite | PermResize
 	}
@@ -583,8 +597,9 @@ func (o *Opener) Child(ctx context.Context, name string, ref *Ref, spec ChildSpe
 }
 
 // NewBackend attaches a user from outside the graph (an export, a job, a
-// tool) to the named node with the given permissions. Release it with
-// ReleaseBackend.
+// tool) to the named node with the given permissions. user names it in
+// permission conflicts; "" is QEMU's "an unnamed block device", which is
+// what exports and QMP commands are there. Release it with ReleaseBackend.
 func (g *Graph) NewBackend(nodeName, user string, perm, shared Perm) (*Child, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -611,11 +626,37 @@ func (g *Graph) ReleaseBackend(c *Child) {
 	g.detach(c)
 }
 
+// SetChildSpec changes how c's parent uses the edge (a luks node updating
+// its keyslots takes write on its file for the duration) and applies the
+// permissions that follow. On error nothing changes.
+func (g *Graph) SetChildSpec(c *Child, spec ChildSpec) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if c.detached || c.parent == nil {
+		return ErrClosed
+	}
+	oldSpec, oldPerm, oldShared := c.spec, c.perm, c.shared
+	c.spec = spec
+	c.setPerm(c.effective())
+	err := error(nil)
+	if c.perm&(PermWrite|PermResize) != 0 && c.node.readOnly {
+		err = errors.New("Block node is read-only")
+	} else {
+		err = g.refresh(c.node)
+	}
+	if err != nil {
+		c.spec = oldSpec
+		c.setPerm(oldPerm, oldShared)
+		return err
+	}
+	return nil
+}
+
 // attach adds edge c to c.node's users, checking and applying permissions.
 // g.mu is held.
 func (g *Graph) attach(c *Child) error {
 	b := c.node
-	c.perm, c.shared = c.effective()
+	c.setPerm(c.effective())
 	if c.perm&(PermWrite|PermResize) != 0 && b.readOnly {
 		return fmt.Errorf("Block node is read-only")
 	}
@@ -673,7 +714,7 @@ func (g *Graph) refresh(b *BDS) error {
 				continue
 			}
 			if bad := a.perm &^ x.shared; bad != 0 {
-				return fmt.Errorf("Permission conflict on node '%s': permissions '%s' are both required by %s and unshared by %s", b.name, bad, a.desc(), x.desc())
+				return fmt.Errorf("Permission conflict on node '%s': permissions '%s' are both required by %s and unshared by %s.", b.name, bad, a.desc(), x.desc())
 			}
 		}
 	}
@@ -697,9 +738,9 @@ func (g *Graph) refresh(b *BDS) error {
 	b.perm, b.shared = perm, shared
 	for _, c := range b.children {
 		op, os := c.perm, c.shared
-		c.perm, c.shared = c.effective()
+		c.setPerm(c.effective())
 		if c.perm&(PermWrite|PermResize) != 0 && c.node.readOnly {
-			c.perm, c.shared = op, os
+			c.setPerm(op, os)
 			b.perm, b.shared = oldPerm, oldShared
 			if ps, ok := b.node.(PermSetter); ok {
 				_ = ps.SetPerm(oldPerm, oldShared)
@@ -707,7 +748,7 @@ func (g *Graph) refresh(b *BDS) error {
 			return fmt.Errorf("Block node is read-only")
 		}
 		if err := g.refresh(c.node); err != nil {
-			c.perm, c.shared = op, os
+			c.setPerm(op, os)
 			b.perm, b.shared = oldPerm, oldShared
 			if ps, ok := b.node.(PermSetter); ok {
 				_ = ps.SetPerm(oldPerm, oldShared)
@@ -732,8 +773,19 @@ type Child struct {
 
 	// protected by g.mu
 	fixedPerm, fixedShared Perm // backends only
-	perm, shared           Perm
+	perm, shared           Perm // set with setPerm
 	detached               bool
+
+	// ioPerm is perm for the I/O path, which checks it without g.mu
+	// while permissions may change (a luks node taking write on its file
+	// for a keyslot update while its users write).
+	ioPerm atomic.Uint32
+}
+
+// setPerm sets the edge's permissions. g.mu is held.
+func (c *Child) setPerm(perm, shared Perm) {
+	c.perm, c.shared = perm, shared
+	c.ioPerm.Store(uint32(perm))
 }
 
 func (c *Child) effective() (Perm, Perm) {
@@ -743,14 +795,17 @@ func (c *Child) effective() (Perm, Perm) {
 	return c.fixedPerm, c.fixedShared
 }
 
+// desc names the edge's user in QEMU's words (bdrv_child_user_desc plus
+// the edge): "node 'q' (uses node 'f' as 'file' child)", "an unnamed block
+// device (uses node 'f' as 'root' child)".
 func (c *Child) desc() string {
+	who := "an unnamed block device"
 	if c.parent != nil {
-		return fmt.Sprintf("node '%s' (uses node '%s' as '%s' child)", c.parent.name, c.node.name, c.name)
+		who = fmt.Sprintf("node '%s'", c.parent.name)
+	} else if c.user != "" {
+		who = c.user
 	}
-	if c.user != "" {
-		return c.user
-	}
-	return "a block device"
+	return fmt.Sprintf("%s (uses node '%s' as '%s' child)", who, c.node.name, c.name)
 }
 
 // Name returns the child's role name ("file", "header"...).

@@ -26,7 +26,7 @@ func (c *Child) checkWrite(op string, off, n int64) error {
 	if err := c.check(op, off, n); err != nil {
 		return err
 	}
-	if c.perm&(PermWrite|PermWriteUnchanged) == 0 {
+	if Perm(c.ioPerm.Load())&(PermWrite|PermWriteUnchanged) == 0 {
 		return &OpError{Op: op, Node: c.node.name, Off: off, Len: n, Err: ErrReadOnly}
 	}
 	return nil
@@ -354,7 +354,7 @@ func (c *Child) Truncate(ctx context.Context, size int64, mode Prealloc) error {
 	if c.detached {
 		return ErrClosed
 	}
-	if c.perm&PermResize == 0 {
+	if Perm(c.ioPerm.Load())&PermResize == 0 {
 		return &OpError{Op: "truncate", Node: c.node.name, Off: size, Err: ErrReadOnly}
 	}
 	if size < 0 {

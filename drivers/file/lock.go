@@ -18,7 +18,11 @@ import (
 // it tests byte 100+i (someone holds it). Tests probe for a write lock with
 // F_OFD_GETLK, so the caller's own locks (same open file description) never
 // count. All locks are read locks, so holders never block each other; only
-// the tests see conflicts.
+// the tests see conflicts. QEMU 7.2 has only these four permissions (the
+// old graph-mod bit, bytes 104 and 204, is gone). Which permissions each
+// user takes and shares is the graph's business (graph.childPerm, the
+// export's backend); tests/e2e TestImageLocksMatchQSD compares the bytes
+// with qemu-storage-daemon's.
 
 const (
 	lockPermBase   = 100

@@ -138,7 +138,7 @@ func (d *Daemon) blockResize(ctx context.Context, m *qmp.Monitor, a *blockResize
 	if a.Size < 0 {
 		return nil, fmt.Errorf("Parameter 'size' expects a >0 size")
 	}
-	c, err := d.Graph.NewBackend(b.Name(), "block_resize", graph.PermResize, graph.PermAll)
+	c, err := d.Graph.NewBackend(b.Name(), "", graph.PermResize, graph.PermAll)
 	if err != nil {
 		return nil, err
 	}

@@ -293,11 +293,14 @@ func (d *Daemon) addExport(a blockExportArgs) error {
 	if writable && b.ReadOnly() {
 		return errors.New("Cannot export read-only node as writable")
 	}
+	// QEMU's nbd_export_create: consistent read, write when writable, and
+	// everything shared but resize (so no other process may resize the
+	// image under the export: its lock byte 203).
 	perm := graph.PermRead
 	if writable {
 		perm |= graph.PermWrite
 	}
-	be, err := d.Graph.NewBackend(a.NodeName, fmt.Sprintf("block device 'export %s'", a.ID), perm, graph.PermAll)
+	be, err := d.Graph.NewBackend(a.NodeName, "", perm, graph.PermAll&^graph.PermResize)
 	if err != nil {
 		return err
 	}
