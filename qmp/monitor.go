@@ -13,6 +13,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"blockd/internal/qapi"
+	"blockd/internal/qjson"
 )
 
 // inBandQueueLen is QMP_REQ_QUEUE_LEN_MAX: with oob enabled, up to this
@@ -284,25 +285,16 @@ func (m *Monitor) reply(req any) {
 	}
 }
 
-// bucket is the QDict hash bucket of a member name (qobject/qdict.c).
-func bucket(name string) uint32 {
-	v := uint32(0x238F13AF) * uint32(len(name))
-	for i := 0; i < len(name); i++ {
-		v += uint32(name[i]) << (uint(i) * 5 % 24)
-	}
-	return (1103515243*v + 12345) % 512
-}
-
-// qdictKeys returns the keys of d in the order QEMU iterates a QDict.
-// Keys that share a bucket come out newest first in QEMU; we do not know
-// the input order, so they are sorted.
+// qdictKeys returns the keys of d in the order QEMU iterates a QDict
+// (qjson.Bucket). Keys that share a bucket come out newest first in QEMU;
+// we do not know the input order, so they are sorted.
 func qdictKeys(d map[string]any) []string {
 	keys := make([]string, 0, len(d))
 	for k := range d {
 		keys = append(keys, k)
 	}
 	sort.Slice(keys, func(i, j int) bool {
-		bi, bj := bucket(keys[i]), bucket(keys[j])
+		bi, bj := qjson.Bucket(keys[i]), qjson.Bucket(keys[j])
 		if bi != bj {
 			return bi < bj
 		}

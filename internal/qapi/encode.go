@@ -9,13 +9,13 @@ import (
 	"strconv"
 	"strings"
 	"unicode/utf8"
+
+	"blockd/internal/qjson"
 )
 
 // Marshal encodes v the way QEMU's QMP server prints a QObject: ", " and
 // ": " separators, non-ASCII escaped as upper-case \uXXXX, and object members
-// in QDict iteration order. A QDict is a 512-bucket hash table (tdb_hash)
-// whose buckets are walked in order and whose entries are inserted at the
-// head of their bucket, so QEMU's member order is a function of the member
+// in QDict iteration order (qjson.SortQDict), a function of the member
 // names and their insertion (QAPI declaration) order. Reproducing it makes
 // our replies byte-identical to QEMU's.
 //
@@ -34,33 +34,9 @@ func MarshalPretty(v any) []byte {
 	return []byte(b.String())
 }
 
-// bucket is QEMU's qdict bucket of a member name.
-func bucket(name string) uint32 {
-	v := uint32(0x238F13AF) * uint32(len(name))
-	for i := 0; i < len(name); i++ {
-		v += uint32(name[i]) << (uint(i) * 5 % 24)
-	}
-	return (1103515243*v + 12345) % 512
-}
-
 type kv struct {
 	name string
 	val  reflect.Value
-	seq  int
-}
-
-// qdictOrder sorts members (given in insertion order) into iteration order.
-func qdictOrder(m []kv) {
-	for i := range m {
-		m[i].seq = i
-	}
-	sort.SliceStable(m, func(i, j int) bool {
-		bi, bj := bucket(m[i].name), bucket(m[j].name)
-		if bi != bj {
-			return bi < bj
-		}
-		return m[i].seq > m[j].seq
-	})
 }
 
 var objectType = reflect.TypeOf(Object(nil))
@@ -224,7 +200,7 @@ func structMembers(v reflect.Value, out []kv) []kv {
 }
 
 func writeObject(b *strings.Builder, m []kv, indent int) {
-	qdictOrder(m)
+	qjson.SortQDict(m, func(e *kv) string { return e.name })
 	b.WriteByte('{')
 	for i, e := range m {
 		if i > 0 {
