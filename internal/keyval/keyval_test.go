@@ -224,6 +224,8 @@ var jsonTests = []struct {
 	{name: "single and double duplicate", in: `{'a':1,"a":2}`, err: "JSON parse error, duplicate key"},
 	{name: "keywords", in: `{"t":true,"f":false,"n":null}`, want: obj{"t": true, "f": false, "n": nil}},
 	{name: "bad keyword", in: `{"a":tru}`, err: "JSON parse error, invalid keyword 'tru'"},
+	// QEMU formats parse errors into a 1024-byte buffer.
+	{name: "long keyword", in: `{"a":` + strings.Repeat("z", 2000) + `}`, err: "JSON parse error, invalid keyword '" + strings.Repeat("z", 1006)},
 	{name: "capital keyword", in: `{"a":True}`, err: "JSON parse error, stray 'T'"},
 	{name: "leading zero", in: `{"a":01}`, err: "JSON parse error, stray '01'"},
 	{name: "lone minus", in: `{"a":-}`, err: "JSON parse error, stray '-}'"},
