@@ -182,6 +182,17 @@ type node struct {
 	stateRules []stateRule
 }
 
+// The optional capabilities of graph/node.go, each passed down to image. Left out on purpose: Infoer (a filter has no image of its own to describe), PermSetter (the file node takes the locks), Resizer (PreallocResizer covers it), Amender and ExplicitBackinger (no metadata, no backing file).
+var (
+	_ graph.Zeroer          = (*node)(nil)
+	_ graph.Discarder       = (*node)(nil)
+	_ graph.BlockStatuser   = (*node)(nil)
+	_ graph.Limiter         = (*node)(nil)
+	_ graph.PreallocResizer = (*node)(nil)
+	_ graph.Cacher          = (*node)(nil)
+	_ graph.StrongOptioner  = (*node)(nil)
+)
+
 func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 	opts := v.(*Options)
 	if opts.Config != nil {

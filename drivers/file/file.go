@@ -115,6 +115,20 @@ type Node struct {
 	perm, shared graph.Perm
 }
 
+// The optional capabilities of graph/node.go and graph/graph.go. Left out on purpose: Amender and ExplicitBackinger (a protocol node has no format metadata and no backing file).
+var (
+	_ graph.Zeroer          = (*Node)(nil)
+	_ graph.Discarder       = (*Node)(nil)
+	_ graph.BlockStatuser   = (*Node)(nil)
+	_ graph.Limiter         = (*Node)(nil)
+	_ graph.Resizer         = (*Node)(nil)
+	_ graph.PreallocResizer = (*Node)(nil)
+	_ graph.Cacher          = (*Node)(nil)
+	_ graph.Infoer          = (*Node)(nil)
+	_ graph.PermSetter      = (*Node)(nil)
+	_ graph.StrongOptioner  = (*Node)(nil)
+)
+
 var (
 	_ graph.Node            = (*Node)(nil)
 	_ graph.Zeroer          = (*Node)(nil)

@@ -86,6 +86,15 @@ type node struct {
 	pool sync.Pool // *[]byte ciphertext buffers of bufSize
 }
 
+// The optional capabilities of graph/node.go. Left out on purpose: Zeroer (zeroes must be stored as ciphertext, so the graph writes encrypted zero buffers), Discarder (discarded ciphertext would read back as garbage, not zeroes), BlockStatuser (it cannot tell zeroes from ciphertext), Cacher and PermSetter (left to the file node), Resizer (PreallocResizer covers it), ExplicitBackinger (no backing file).
+var (
+	_ graph.Limiter         = (*node)(nil)
+	_ graph.PreallocResizer = (*node)(nil)
+	_ graph.Infoer          = (*node)(nil)
+	_ graph.StrongOptioner  = (*node)(nil)
+	_ graph.Amender         = (*node)(nil)
+)
+
 // bufSize is the largest piece of a request encrypted at once; larger
 // writes are processed in pieces of this size.
 const bufSize = 1 << 20

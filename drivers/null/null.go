@@ -30,6 +30,14 @@ type node struct {
 	readZeroes bool
 }
 
+// The optional capabilities of graph/node.go. Left out on purpose: Discarder and Cacher (there is nothing to free or prefetch), Limiter (byte-granular), Resizer and PreallocResizer (the size is fixed by the options, as in QEMU), PermSetter, Amender and ExplicitBackinger (no file, metadata or backing).
+var (
+	_ graph.Zeroer         = (*node)(nil)
+	_ graph.BlockStatuser  = (*node)(nil)
+	_ graph.Infoer         = (*node)(nil)
+	_ graph.StrongOptioner = (*node)(nil)
+)
+
 func open(_ context.Context, _ *graph.Opener, v any) (graph.Node, error) {
 	o := v.(*Options)
 	n := &node{size: 1 << 30}

@@ -242,6 +242,19 @@ type node struct {
 	secrets func(id string) ([]byte, error)
 }
 
+// The optional capabilities of graph/node.go. Left out on purpose: Cacher (a cache request is advisory and does nothing here), PermSetter (the file node takes the locks), Resizer (PreallocResizer covers plain truncation).
+var (
+	_ graph.Zeroer            = (*node)(nil)
+	_ graph.Discarder         = (*node)(nil)
+	_ graph.BlockStatuser     = (*node)(nil)
+	_ graph.Limiter           = (*node)(nil)
+	_ graph.PreallocResizer   = (*node)(nil)
+	_ graph.Infoer            = (*node)(nil)
+	_ graph.StrongOptioner    = (*node)(nil)
+	_ graph.Amender           = (*node)(nil)
+	_ graph.ExplicitBackinger = (*node)(nil)
+)
+
 func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 	opts := v.(*Options)
 	ro := o.ReadOnly()

@@ -34,6 +34,18 @@ type node struct {
 	size    int64
 }
 
+// The optional capabilities of graph/node.go, each passed down to file. Left out on purpose: PermSetter (the file node below takes the locks), Resizer (PreallocResizer covers plain truncation), Amender and ExplicitBackinger (raw has no metadata and no backing file).
+var (
+	_ graph.Zeroer          = (*node)(nil)
+	_ graph.Discarder       = (*node)(nil)
+	_ graph.BlockStatuser   = (*node)(nil)
+	_ graph.Limiter         = (*node)(nil)
+	_ graph.PreallocResizer = (*node)(nil)
+	_ graph.Cacher          = (*node)(nil)
+	_ graph.Infoer          = (*node)(nil)
+	_ graph.StrongOptioner  = (*node)(nil)
+)
+
 func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 	opts := v.(*Options)
 	n := &node{}
