@@ -16,23 +16,28 @@ import (
 )
 
 // BenchmarkRequestLoop measures the request loop in process: a pipelined
-// client on a unix socket issuing 4 KiB requests against a MemNode. The
+// client on a unix socket issuing requests against a MemNode. The
 // allocation counts cover both the server and the (allocation-free)
-// client.
+// client. The large rows are where the request memory budget and the
+// mapped buffers of internal/bufpool come in.
 func BenchmarkRequestLoop(b *testing.B) {
 	for _, bc := range []struct {
 		name  string
 		typ   uint16
 		f     features
 		depth int
+		bs    int
 	}{
-		{"read4k/simple/qd1", cmdRead, features{}, 1},
-		{"read4k/simple/qd16", cmdRead, features{}, 16},
-		{"read4k/structured/qd16", cmdRead, features{structured: true}, 16},
-		{"read4k/extended/qd16", cmdRead, features{extended: true}, 16},
-		{"write4k/simple/qd16", cmdWrite, features{}, 16},
+		{"read4k/simple/qd1", cmdRead, features{}, 1, 4096},
+		{"read4k/simple/qd16", cmdRead, features{}, 16, 4096},
+		{"read4k/structured/qd16", cmdRead, features{structured: true}, 16, 4096},
+		{"read4k/extended/qd16", cmdRead, features{extended: true}, 16, 4096},
+		{"write4k/simple/qd16", cmdWrite, features{}, 16, 4096},
+		{"read1m/simple/qd16", cmdRead, features{}, 16, 1 << 20},
+		{"write1m/simple/qd16", cmdWrite, features{}, 16, 1 << 20},
+		{"read32m/simple/qd16", cmdRead, features{}, 16, 32 << 20},
 	} {
-		b.Run(bc.name, func(b *testing.B) { benchLoop(b, bc.typ, bc.f, bc.depth) })
+		b.Run(bc.name, func(b *testing.B) { benchLoop(b, bc.typ, bc.f, bc.depth, bc.bs) })
 	}
 }
 
@@ -86,7 +91,7 @@ func BenchmarkRequestLoopPeer(b *testing.B) {
 					time.Sleep(10 * time.Millisecond)
 				}
 				defer nc.Close()
-				benchClient(b, nc, bc.typ, bc.f, bc.depth)
+				benchClient(b, nc, bc.typ, bc.f, bc.depth, 4096)
 			})
 		}
 	}
@@ -94,7 +99,7 @@ func BenchmarkRequestLoopPeer(b *testing.B) {
 
 const benchSize = 64 << 20
 
-func benchLoop(b *testing.B, typ uint16, f features, depth int) {
+func benchLoop(b *testing.B, typ uint16, f features, depth, bs int) {
 	const size = benchSize
 	dir, err := os.MkdirTemp("", "nbdbench")
 	if err != nil {
@@ -117,7 +122,7 @@ func benchLoop(b *testing.B, typ uint16, f features, depth int) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	benchClient(b, nc, typ, f, depth)
+	benchClient(b, nc, typ, f, depth, bs)
 }
 
 // fillBench gives the benchmark disks non-zero data: reads of zeroes may
@@ -129,10 +134,9 @@ func fillBench(p []byte) {
 	}
 }
 
-// benchClient pipelines b.N 4 KiB requests with depth in flight.
-func benchClient(b *testing.B, nc net.Conn, typ uint16, f features, depth int) {
+// benchClient pipelines b.N requests of bs bytes with depth in flight.
+func benchClient(b *testing.B, nc net.Conn, typ uint16, f features, depth, bs int) {
 	const size = benchSize
-	const bs = 4096
 	defer nc.Close()
 	c := newClient(b, nc)
 	c.handshake("d", f)
@@ -158,10 +162,10 @@ func benchClient(b *testing.B, nc net.Conn, typ uint16, f features, depth int) {
 	req := make([]byte, hl+bs)
 	if ext {
 		binary.BigEndian.PutUint32(req, magicExtRequest)
-		binary.BigEndian.PutUint64(req[24:], bs)
+		binary.BigEndian.PutUint64(req[24:], uint64(bs))
 	} else {
 		binary.BigEndian.PutUint32(req, magicRequest)
-		binary.BigEndian.PutUint32(req[24:], bs)
+		binary.BigEndian.PutUint32(req[24:], uint32(bs))
 	}
 	binary.BigEndian.PutUint16(req[6:], typ)
 	if ext && typ == cmdWrite {
@@ -176,7 +180,7 @@ func benchClient(b *testing.B, nc net.Conn, typ uint16, f features, depth int) {
 	w := bufio.NewWriterSize(nc, 256<<10)
 	r := bufio.NewReaderSize(c.r, 256<<10)
 	rbuf := make([]byte, replyLen)
-	b.SetBytes(bs)
+	b.SetBytes(int64(bs))
 	b.ReportAllocs()
 	b.ResetTimer()
 	sendErr := make(chan error, 1)
@@ -192,7 +196,7 @@ func benchClient(b *testing.B, nc net.Conn, typ uint16, f features, depth int) {
 				sem <- struct{}{}
 			}
 			binary.BigEndian.PutUint64(req[8:], uint64(i))
-			binary.BigEndian.PutUint64(req[16:], uint64(i)*7919*bs%size)
+			binary.BigEndian.PutUint64(req[16:], uint64(i)*7919*uint64(bs)%size)
 			w.Write(req[:reqLen])
 		}
 		sendErr <- w.Flush()

@@ -87,8 +87,10 @@
 // NBD_REPLY_TYPE_ERROR chunks with a message, and a READ is never answered
 // with a simple reply. A payload on a non-WRITE extended request is read
 // and discarded before EINVAL. A WRITE payload over 32 MiB cannot be
-// buffered: the server answers EINVAL and disconnects. A bad request magic
-// disconnects.
+// buffered: the server answers EINVAL and disconnects. A request with a
+// bad magic gets EINVAL ("invalid magic (got 0x...)") for the cookie in
+// its header, as from qemu-storage-daemon 7.2, and then the connection is
+// closed: the stream cannot be trusted to be in sync.
 //
 // Each connection reads requests on one goroutine, runs them on
 // MaxInFlight (16) workers and writes replies on one goroutine through a
@@ -104,12 +106,28 @@
 // behind it. A reply is sent only after its I/O completed, so no header
 // precedes data that could still fail, and a WRITE is on the node before
 // it is acknowledged (FLUSH then covers all acknowledged writes through
-// Node.Flush). Buffers
-// come from per-size-class sync.Pools: the request loop does not allocate.
+// Node.Flush). Buffers come from internal/bufpool: the request loop does
+// not allocate, and the large buffers go back to the system about a
+// second after a burst.
+//
+// The memory of request buffers (READ data, WRITE payloads, at the pool's
+// size class) is bounded per connection (MaxConnRequestMemory, 128 MiB)
+// and for the server (MaxRequestMemory, 512 MiB). A request whose bytes
+// are not free waits for them, in arrival order, before its buffer is
+// taken (a WRITE before its payload is read), and its connection reads
+// nothing more meanwhile: the client is held back by TCP. The reader
+// sends the replies it served itself before it waits. Clients must read
+// replies while they send requests (QEMU, libnbd and the kernel do); one
+// that only reads after sending can stall on large WRITEs, as with QEMU
+// once 16 requests are in flight.
 // NBD_CMD_DISC lets in-flight requests finish and their replies go out; a
 // hang-up, a protocol violation, RemoveExport(hard) or Close cancels the
 // connection's context, and the connection is only released once its
 // in-flight requests have returned.
 //
-// A connection beyond MaxConnections is closed right after accept.
+// When a client arrives with MaxConnections connections open, the oldest
+// one that has not finished its handshake (entered transmission) is
+// closed to make room, so idle sockets cannot lock clients out for the
+// handshake timeout; if all are in transmission, the new connection is
+// closed right after accept.
 package nbd

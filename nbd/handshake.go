@@ -32,6 +32,11 @@ type conn struct {
 	ctx    context.Context // cancelled on disconnect
 	cancel context.CancelFunc
 	killed atomic.Bool // set by kill
+	seq    uint64      // accept order; set before the connection runs
+
+	// attached is set when the connection enters transmission; guarded by
+	// Server.mu.
+	attached bool
 
 	// Handshake state, used by the connection's goroutine only.
 	hw       *bufio.Writer

@@ -563,20 +563,6 @@ func TestOversizedWriteDisconnects(t *testing.T) {
 	}
 }
 
-func TestBadRequestMagicDisconnects(t *testing.T) {
-	e, _ := memExport("disk", mib)
-	s, addr := startServer(t, Options{}, e)
-	good := connect(t, addr, "disk", features{structured: true})
-	c := connect(t, addr, "disk", features{})
-	c.write(make([]byte, 28))
-	c.expectEOF()
-	if r := good.do(cmdRead, 0, 0, 512, nil); r.errno != 0 {
-		t.Fatal("other client broken")
-	}
-	good.disc()
-	waitFor(t, func() bool { return s.Clients("disk") == 0 })
-}
-
 func TestNodeErrors(t *testing.T) {
 	for _, m := range allModes {
 		t.Run(m.name, func(t *testing.T) {

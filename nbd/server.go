@@ -20,6 +20,12 @@ const (
 	// DefaultMaxInFlight is the number of requests served in parallel per
 	// connection (QEMU's MAX_NBD_REQUESTS).
 	DefaultMaxInFlight = 16
+	// DefaultMaxRequestMemory bounds the request buffers (READ data, WRITE
+	// payloads) of all connections together, DefaultMaxConnRequestMemory
+	// those of one connection: without them 16 requests of 32 MiB per
+	// connection could hold 512 MiB each.
+	DefaultMaxRequestMemory     = 512 << 20
+	DefaultMaxConnRequestMemory = 128 << 20
 )
 
 // ErrServerClosed is returned by Serve and ServeConn after Close.
@@ -59,9 +65,13 @@ type Options struct {
 	// NBD_REP_ERR_TLS_REQD until the client upgrades, as QEMU does with
 	// tls-creds.
 	TLSConfig *tls.Config
-	// MaxConnections caps the open connections (handshake or transmission);
-	// a connection accepted beyond it is closed at once. 0 = unlimited.
-	// NBD_FLAG_CAN_MULTI_CONN is advertised unless it is 1.
+	// MaxConnections caps the open connections (handshake or transmission).
+	// When a client arrives at the limit, the oldest connection that has
+	// not finished its handshake is closed to make room, so that sockets
+	// left idle before the handshake cannot lock clients out until they
+	// time out; when every connection is in transmission, the new one is
+	// closed at once. 0 = unlimited. NBD_FLAG_CAN_MULTI_CONN is advertised
+	// unless it is 1.
 	MaxConnections int
 	// HandshakeTimeout bounds the handshake (including the TLS handshake);
 	// the connection is closed when it expires. 0 means
@@ -70,6 +80,16 @@ type Options struct {
 	// MaxInFlight is the number of requests served in parallel on one
 	// connection; 0 means DefaultMaxInFlight.
 	MaxInFlight int
+	// MaxRequestMemory bounds the bytes of request buffers (READ data and
+	// WRITE payloads, counted at the buffer pool's size class) held by all
+	// connections together, MaxConnRequestMemory those held by one
+	// connection. A request waits until its bytes are free, and its
+	// connection reads nothing more from the socket meanwhile; the bytes
+	// come back once the reply is sent. 0 means DefaultMaxRequestMemory
+	// and DefaultMaxConnRequestMemory, a negative value no limit, and a
+	// positive value below 32 MiB (the largest request) is raised to it.
+	MaxRequestMemory     int64
+	MaxConnRequestMemory int64
 	// Log receives connection-level events (never one line per request).
 	// nil discards them.
 	Log *logrus.Entry
@@ -79,12 +99,14 @@ type Options struct {
 type Server struct {
 	opts Options
 	log  *logrus.Entry
+	mem  *budget // request buffers of all connections (MaxRequestMemory)
 
 	mu        sync.Mutex // protects the fields below
 	exports   map[string]*export
 	order     []*export // in AddExport order, for NBD_OPT_LIST
 	listeners map[net.Listener]struct{}
 	conns     map[*conn]struct{}
+	seq       uint64 // connections accepted, numbering them
 	closed    bool
 
 	wg sync.WaitGroup // connection goroutines
@@ -126,6 +148,7 @@ func NewServer(o Options) *Server {
 	return &Server{
 		opts:      o,
 		log:       log,
+		mem:       newBudget(o.MaxRequestMemory, DefaultMaxRequestMemory),
 		exports:   make(map[string]*export),
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[*conn]struct{}),
@@ -310,6 +333,7 @@ func (s *Server) attach(c *conn, x *export) bool {
 		return false
 	}
 	x.clients[c] = struct{}{}
+	c.attached = true
 	return true
 }
 
@@ -407,12 +431,34 @@ func (s *Server) newConn(nc net.Conn) (*conn, error) {
 		return nil, ErrServerClosed
 	}
 	if s.opts.MaxConnections > 0 && len(s.conns) >= s.opts.MaxConnections {
-		return nil, fmt.Errorf("%w (limit %d)", ErrTooManyConnections, s.opts.MaxConnections)
+		old := s.oldestHandshakeLocked()
+		if old == nil {
+			return nil, fmt.Errorf("%w (limit %d)", ErrTooManyConnections, s.opts.MaxConnections)
+		}
+		// Its slot is free at once: the socket is closed here, and its
+		// goroutine only has to notice.
+		delete(s.conns, old)
+		old.kill()
+		old.log.Warnf("nbd: handshake not finished when a new client arrived at max-connections (%d); connection closed", s.opts.MaxConnections)
 	}
 	c := newConn(s, nc)
+	s.seq++
+	c.seq = s.seq
 	s.conns[c] = struct{}{}
 	s.wg.Add(1)
 	return c, nil
+}
+
+// oldestHandshakeLocked returns the oldest connection that has not entered
+// transmission, or nil. s.mu must be held.
+func (s *Server) oldestHandshakeLocked() *conn {
+	var old *conn
+	for c := range s.conns {
+		if !c.attached && !c.killed.Load() && (old == nil || c.seq < old.seq) {
+			old = c
+		}
+	}
+	return old
 }
 
 // connDone unregisters a finished connection.

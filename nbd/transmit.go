@@ -69,6 +69,7 @@ type txState struct {
 	busy    atomic.Int32 // requests handed to workers and not yet replied
 	unsent  bool         // reader only: it encoded replies not yet flushed
 	svc     atomic.Int64 // moving average of inlinable requests' service time, ns
+	mem     *budget      // this connection's request buffers (MaxConnRequestMemory)
 
 	// Inline service (serveInline).
 	active    sync.WaitGroup // workers, and goroutines left serving a request by a takeover
@@ -87,7 +88,8 @@ type request struct {
 	off        uint64
 	length     uint64 // effect length (or payload length for WRITE)
 
-	timed bool // inlinable but sent to a worker: measure its service time
+	timed  bool  // inlinable but sent to a worker: measure its service time
+	charge int64 // bytes taken from the budgets for buf (see reserve)
 
 	bufp *[]byte // pooled buffer (WRITE payload or READ data)
 	buf  []byte
@@ -126,6 +128,7 @@ func (c *conn) transmit() {
 		t.free <- &request{}
 	}
 	t.readDone = make(chan readResult, 1)
+	t.mem = newBudget(c.srv.opts.MaxConnRequestMemory, DefaultMaxConnRequestMemory)
 	t.epoch = time.Now()
 	t.watch = time.AfterFunc(time.Hour, c.watchInline)
 	t.watch.Stop()
@@ -206,16 +209,19 @@ func (c *conn) readLoop() (graceful bool, err error) {
 			}
 			return false, err
 		}
-		if m := be.Uint32(h); m != magic {
-			t.free <- r
-			return false, fmt.Errorf("invalid magic (got 0x%08x, expected 0x%08x)", m, magic)
-		}
 		r.flags, r.typ = be.Uint16(h[4:]), be.Uint16(h[6:])
 		r.cookie, r.off = be.Uint64(h[8:]), be.Uint64(h[16:])
 		if ext {
 			r.length = be.Uint64(h[24:])
 		} else {
 			r.length = uint64(be.Uint32(h[24:]))
+		}
+		if m := be.Uint32(h); m != magic {
+			// As QEMU: EINVAL to the cookie where a request has it, then
+			// disconnect, as the stream cannot be trusted to be in sync.
+			r.fail(errInval, fmt.Sprintf("invalid magic (got 0x%x)", m))
+			t.replies <- r
+			return true, fmt.Errorf("invalid magic (got 0x%08x, expected 0x%08x)", m, magic)
 		}
 		if r.typ == cmdDisc {
 			t.free <- r
@@ -235,6 +241,10 @@ func (c *conn) readLoop() (graceful bool, err error) {
 		}
 		if payload > 0 {
 			if r.typ == cmdWrite {
+				if err := c.reserve(r, int(payload)); err != nil {
+					t.free <- r
+					return false, err
+				}
 				r.bufp = bufpool.Get(int(payload))
 				r.buf = *r.bufp
 				if _, err := io.ReadFull(t.br, r.buf); err != nil {
@@ -256,6 +266,12 @@ func (c *conn) readLoop() (graceful bool, err error) {
 			t.replies <- r
 			continue
 		}
+		if r.typ == cmdRead && r.length > 0 {
+			if err := c.reserve(r, int(r.length)); err != nil {
+				t.free <- r
+				return false, err
+			}
+		}
 		if c.inlinable(r) {
 			if time.Duration(t.svc.Load()) < inlineBelow {
 				if !c.serveInline(r) {
@@ -268,6 +284,32 @@ func (c *conn) readLoop() (graceful bool, err error) {
 		t.busy.Add(1)
 		t.work <- r
 	}
+}
+
+// reserve takes the memory for r's buffer of n bytes from the connection's
+// budget and the server's, waiting for it if need be: the reader then
+// reads nothing more, which holds the client back. Replies the reader
+// encoded itself are sent before it waits, as the client may be waiting
+// for them.
+func (c *conn) reserve(r *request, n int) error {
+	t := &c.tx
+	k := int64(bufpool.Cap(n))
+	for _, b := range [...]*budget{t.mem, c.srv.mem} {
+		if b.tryAcquire(k) {
+			continue
+		}
+		if t.unsent {
+			c.flushUnsent()
+		}
+		if err := b.acquire(c.ctx, k); err != nil {
+			if b != t.mem {
+				t.mem.release(k)
+			}
+			return fmt.Errorf("waiting for request memory: %w", err)
+		}
+	}
+	r.charge = k
+	return nil
 }
 
 // inlinable reports whether r is of a kind the reader may serve itself:
@@ -848,6 +890,11 @@ func (c *conn) recycle(r *request) {
 	r.timed = false
 	bufpool.Put(r.bufp)
 	r.bufp, r.buf = nil, nil
+	if r.charge > 0 { // after Put: the budget bounds the pool's buffers in use
+		c.tx.mem.release(r.charge)
+		c.srv.mem.release(r.charge)
+		r.charge = 0
+	}
 	r.errno, r.msg = 0, ""
 	clear(r.chunks) // drop references to pooled buffers
 	r.chunks = r.chunks[:0]
