@@ -43,7 +43,7 @@
 // the request on an export needing alignment ends with
 // NBD_REP_ERR_BLOCK_SIZE_REQD. The preferred size is max(4096, minimum),
 // the maximum min(MaxTransfer, 32 MiB); requests larger than MaxTransfer
-// are split before reaching the node. The export size is Node.Size() at
+// are split by the graph's validation layer, not here. The export size is Node.Size() at
 // NBD_OPT_GO time.
 //
 // With Options.TLSConfig the server runs in FORCEDTLS mode as QEMU with

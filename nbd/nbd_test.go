@@ -595,9 +595,31 @@ func TestNodeErrors(t *testing.T) {
 	}
 }
 
+// validating serves n through a graph edge, as the daemon does: the
+// graph aligns and splits requests to n's limits.
+func validating(t *testing.T, n graph.Node) graph.Node {
+	t.Helper()
+	type noOptions struct{}
+	g := graph.New(nil, &graph.Driver{Name: "given", Protocol: true,
+		Options: func() any { return new(noOptions) },
+		Open:    func(context.Context, *graph.Opener, any) (graph.Node, error) { return n, nil }})
+	t.Cleanup(g.Close)
+	if _, err := g.Add(context.Background(), map[string]any{"driver": "given", "node-name": "n"}, false); err != nil {
+		t.Fatal(err)
+	}
+	c, err := g.NewBackend("n", "nbd", graph.PermRead|graph.PermWrite, graph.PermAll)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// TestMaxTransferSplitting: the export advertises the node's maximum
+// transfer and larger requests reach the node in pieces (split by the
+// graph, not by the server).
 func TestMaxTransferSplitting(t *testing.T) {
 	f := &faultNode{MemNode: graph.NewMemNode(4 * mib)}
-	_, addr := startServer(t, Options{}, &Export{Name: "f", Node: f})
+	_, addr := startServer(t, Options{}, &Export{Name: "f", Node: validating(t, f)})
 	c := connect(t, addr, "f", features{structured: true})
 	if bs := c.goInfo(t, addr); bs != 64<<10 {
 		t.Fatalf("advertised max %d", bs)

@@ -46,8 +46,9 @@ type Export struct {
 	Description string
 	// Node serves the I/O. It should be the graph's validating top node:
 	// clients that did not agree to block sizes may send requests that are
-	// not aligned to MinBlock (the graph widens them). The server never
-	// closes the node.
+	// not aligned to MinBlock (the graph widens them), and requests up to
+	// 32 MiB go to it whole, whatever its MaxTransfer (the graph splits
+	// them). The server never closes the node.
 	Node graph.Node
 	// ReadOnly exports reject WRITE, TRIM and WRITE_ZEROES with EPERM and
 	// advertise NBD_FLAG_READ_ONLY.
@@ -114,21 +115,20 @@ type Server struct {
 
 // export is the server's copy of an Export plus its clients.
 type export struct {
-	name, desc  string
-	node        graph.Node
-	ro          bool
-	minBlock    uint32
-	prefBlock   uint32
-	maxBlock    uint32
-	maxTransfer int64 // split node I/O into pieces of at most this size
-	bs          graph.BlockStatuser
-	zeroer      graph.Zeroer
-	discarder   graph.Discarder
-	cacher      graph.Cacher
-	clients     map[*conn]struct{} // guarded by Server.mu
-	removing    bool               // guarded by Server.mu
-	done        chan struct{}      // closed when removing and no clients remain
-	doneClosed  bool               // guarded by Server.mu
+	name, desc string
+	node       graph.Node
+	ro         bool
+	minBlock   uint32
+	prefBlock  uint32
+	maxBlock   uint32
+	bs         graph.BlockStatuser
+	zeroer     graph.Zeroer
+	discarder  graph.Discarder
+	cacher     graph.Cacher
+	clients    map[*conn]struct{} // guarded by Server.mu
+	removing   bool               // guarded by Server.mu
+	done       chan struct{}      // closed when removing and no clients remain
+	doneClosed bool               // guarded by Server.mu
 }
 
 // NewServer returns a server with no exports and no listeners.
@@ -232,16 +232,6 @@ func (x *export) setBlockSizes(e *Export) error {
 		return fmt.Errorf("maximum block size %d must be a multiple of %d and at least %d", maxb, min, pref)
 	}
 	x.minBlock, x.prefBlock, x.maxBlock = min, pref, maxb
-	x.maxTransfer = maxPayload
-	if lim.MaxTransfer > 0 {
-		mt := lim.MaxTransfer
-		if lim.Align > 1 {
-			mt -= mt % lim.Align
-		}
-		if mt > 0 && mt < x.maxTransfer {
-			x.maxTransfer = mt
-		}
-	}
 	return nil
 }
 
