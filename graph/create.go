@@ -69,8 +69,29 @@ func (g *Graph) Create(ctx context.Context, v any) error {
 }
 
 // DecodeCreateOptions decodes BlockdevCreateOptions (the "options" member of
-// blockdev-create) at path.
+// blockdev-create): the driver and its CreateOptions.
 func (g *Graph) DecodeCreateOptions(v any) (*Driver, any, error) {
+	drv, opts, err := g.decodeDriverUnion(v, func(d *Driver) func() any { return d.CreateOptions })
+	if err != nil {
+		return nil, nil, err
+	}
+	if drv.Create == nil {
+		return nil, nil, fmt.Errorf("Driver does not support blockdev-create")
+	}
+	return drv, opts, nil
+}
+
+// DecodeAmendOptions decodes BlockdevAmendOptions (the "options" member of
+// x-blockdev-amend): the driver and its AmendOptions (nil when the driver
+// has none).
+func (g *Graph) DecodeAmendOptions(v any) (*Driver, any, error) {
+	return g.decodeDriverUnion(v, func(d *Driver) func() any { return d.AmendOptions })
+}
+
+// decodeDriverUnion decodes a QAPI union keyed by "driver" at "options":
+// the driver's branch is the struct its options function makes (only the
+// driver member when that is nil).
+func (g *Graph) decodeDriverUnion(v any, options func(*Driver) func() any) (*Driver, any, error) {
 	const path = "options"
 	obj, ok := v.(map[string]any)
 	if !ok {
@@ -93,16 +114,13 @@ func (g *Graph) DecodeCreateOptions(v any) (*Driver, any, error) {
 	}
 	targets := []any{&base}
 	var opts any
-	if drv.CreateOptions != nil {
-		opts = drv.CreateOptions()
+	if mk := options(drv); mk != nil {
+		opts = mk()
 		targets = append(targets, opts)
 	}
 	d := &qapi.Decoder{Ctx: graphCtx{g}}
 	if err := d.Decode(obj, path, targets...); err != nil {
 		return nil, nil, err
-	}
-	if drv.Create == nil {
-		return nil, nil, fmt.Errorf("Driver does not support blockdev-create")
 	}
 	return drv, opts, nil
 }

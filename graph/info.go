@@ -11,7 +11,8 @@ type BlockdevCacheInfo struct {
 	NoFlush   bool `json:"no-flush"`
 }
 
-// ImageInfoQAPI is QEMU 7.2's ImageInfo, members in QAPI order.
+// ImageInfoQAPI is QEMU 7.2's ImageInfo, members in QAPI order: the
+// "image" of query-named-block-nodes and what blockd-img info prints.
 type ImageInfoQAPI struct {
 	Filename              string         `json:"filename"`
 	Format                string         `json:"format"`
@@ -20,12 +21,20 @@ type ImageInfoQAPI struct {
 	VirtualSize           int64          `json:"virtual-size"`
 	ClusterSize           int64          `json:"cluster-size,omitempty"`
 	Encrypted             bool           `json:"encrypted,omitempty"`
+	Compressed            bool           `json:"compressed,omitempty"` // QEMU sets it for vmdk only
 	BackingFilename       string         `json:"backing-filename,omitempty"`
 	FullBackingFilename   string         `json:"full-backing-filename,omitempty"`
 	BackingFilenameFormat string         `json:"backing-filename-format,omitempty"`
 	Snapshots             []SnapshotInfo `json:"snapshots,omitempty"`
 	BackingImage          *ImageInfoQAPI `json:"backing-image,omitempty"`
 	FormatSpecific        any            `json:"format-specific,omitempty"`
+}
+
+// ImageInfoSpecific is QEMU's ImageInfoSpecific, a union on type: what
+// drivers put in ImageInfo.FormatSpecific.
+type ImageInfoSpecific struct {
+	Type string `json:"type"`
+	Data any    `json:"data"`
 }
 
 // BlockDeviceInfo is QEMU 7.2's BlockDeviceInfo, members in QAPI order.

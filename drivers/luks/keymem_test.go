@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"os"
-	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -16,6 +15,7 @@ import (
 
 	"blockd/drivers/file"
 	"blockd/drivers/luks/luksfmt"
+	"blockd/drivers/luks/qcrypto"
 	"blockd/graph"
 	"blockd/internal/keymem"
 	"blockd/internal/testutil"
@@ -120,22 +120,9 @@ func kmSettled() int64 {
 func TestKeyMemoryReleased(t *testing.T) {
 	for _, version := range []int{1, 2} {
 		t.Run(strconv.Itoa(version), func(t *testing.T) {
-			img := filepath.Join(t.TempDir(), "disk.img")
-			f, err := os.Create(img)
-			if err != nil {
-				t.Fatal(err)
-			}
 			pass, newPass := "key memory "+strconv.Itoa(version), "second passphrase"
-			h, key, err := luksfmt.Create(f, luksfmt.CreateOptions{Version: version, Passphrase: []byte(pass),
-				KDF: luksfmt.KDF{Type: luksfmt.KDFPBKDF2, Iterations: 1000}})
-			if err != nil {
-				t.Fatal(err)
-			}
+			img, key := luksImage(t, version, pass)
 			luksfmt.Wipe(key)
-			if err := f.Truncate(h.PayloadOffset() + 1<<20); err != nil {
-				t.Fatal(err)
-			}
-			f.Close()
 
 			before := kmSettled()
 			st := &watchedStore{Store: &secrets.Store{}, t: t}
@@ -161,7 +148,7 @@ func TestKeyMemoryReleased(t *testing.T) {
 			g.ReleaseBackend(be)
 			iter := int64(1)
 			newID, slot := "n", int64(3)
-			if err := n.Amend(context.Background(), &AmendOptions{State: "active", NewSecret: &newID, Keyslot: &slot, IterTime: &iter, PBKDF: ptr(pbkdfAlg("pbkdf2"))}, false); err != nil {
+			if err := n.Amend(context.Background(), &AmendOptions{State: "active", NewSecret: &newID, Keyslot: &slot, IterTime: &iter, PBKDF: ptr(qcrypto.PBKDFAlg("pbkdf2"))}, false); err != nil {
 				t.Fatal(err)
 			}
 			if err := n.Amend(context.Background(), &AmendOptions{State: "inactive", OldSecret: &newID}, false); err != nil {

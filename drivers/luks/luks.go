@@ -13,6 +13,7 @@ import (
 	"sync"
 
 	"blockd/drivers/luks/luksfmt"
+	"blockd/drivers/luks/qcrypto"
 	"blockd/graph"
 	"blockd/internal/blockcrypto"
 	"blockd/internal/qapi"
@@ -37,35 +38,8 @@ func Driver() *graph.Driver {
 	}
 }
 
-// ChildIO adapts a graph child to io.ReaderAt and io.WriterAt for the format
-// code, which reads and writes metadata through them.
-type ChildIO struct {
-	Ctx   context.Context
-	Child *graph.Child
-	// Flags for metadata writes (FUA: metadata must be stable).
-	Flags graph.ReqFlags
-}
-
-// ReadAt implements io.ReaderAt.
-func (c ChildIO) ReadAt(p []byte, off int64) (int, error) {
-	if err := c.Child.ReadAt(c.Ctx, p, off); err != nil {
-		return 0, err
-	}
-	return len(p), nil
-}
-
-// WriteAt implements io.WriterAt.
-func (c ChildIO) WriteAt(p []byte, off int64) (int, error) {
-	if off+int64(len(p)) > c.Child.Size() {
-		if err := c.Child.Truncate(c.Ctx, off+int64(len(p)), graph.PreallocOff); err != nil {
-			return 0, err
-		}
-	}
-	if err := c.Child.WriteAt(c.Ctx, p, off, c.Flags); err != nil {
-		return 0, err
-	}
-	return len(p), nil
-}
+// AmendOptions are the luks driver's x-blockdev-amend options.
+type AmendOptions = qcrypto.AmendOptions
 
 type node struct {
 	file, header *graph.Child
@@ -125,9 +99,9 @@ func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 		return nil, errors.New("Parameter 'key-secret' is required for cipher")
 	}
 	n.keySecret = *opts.KeySecret
-	hdr, err := luksfmt.Open(ChildIO{Ctx: ctx, Child: meta}, meta.Size())
+	hdr, err := luksfmt.Open(graph.NewSectionIO(ctx, meta, 0, -1), meta.Size())
 	if err != nil {
-		return nil, fmt.Errorf("luks: %w", err)
+		return nil, fmt.Errorf("luks: %w", qcrypto.GraphError(err))
 	}
 	// A LUKS2 header with one damaged copy opens from the valid one; the
 	// next metadata update (x-blockdev-amend) rewrites both.
@@ -146,7 +120,7 @@ func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 	key, _, err := hdr.Unlock(ctx, pass, luksfmt.AnySlot, n.kdfLimits)
 	luksfmt.Wipe(pass)
 	if err != nil {
-		return nil, err
+		return nil, qcrypto.GraphError(err)
 	}
 	n.cipher, err = blockcrypto.New(hdr.CipherSpec(), key)
 	luksfmt.Wipe(key)
@@ -256,73 +230,9 @@ func (n *node) Close() error {
 	return nil
 }
 
-// qemuSlot is QEMU's QCryptoBlockInfoLUKSSlot.
-type qemuSlot struct {
-	Active    bool   `json:"active"`
-	Iters     uint32 `json:"iters,omitempty"`
-	Stripes   uint32 `json:"stripes,omitempty"`
-	KeyOffset int64  `json:"key-offset"`
-}
-
-// qemuInfo is QEMU's QCryptoBlockInfoLUKS (9.0, with detached-header), in
-// QAPI member order. LUKS1 volumes report exactly this.
-type qemuInfo struct {
-	CipherAlg      string     `json:"cipher-alg"`
-	CipherMode     string     `json:"cipher-mode"`
-	IVGenAlg       string     `json:"ivgen-alg"`
-	IVGenHashAlg   string     `json:"ivgen-hash-alg,omitempty"`
-	HashAlg        string     `json:"hash-alg"`
-	DetachedHeader bool       `json:"detached-header"`
-	PayloadOffset  int64      `json:"payload-offset"`
-	MasterKeyIters uint32     `json:"master-key-iters"`
-	UUID           string     `json:"uuid"`
-	Slots          []qemuSlot `json:"slots"`
-}
-
-// luks2Info adds blockd's LUKS2 members (see docs/qmp.md).
-type luks2Info struct {
-	CipherAlg      string             `json:"cipher-alg"`
-	CipherMode     string             `json:"cipher-mode"`
-	IVGenAlg       string             `json:"ivgen-alg"`
-	IVGenHashAlg   string             `json:"ivgen-hash-alg,omitempty"`
-	HashAlg        string             `json:"hash-alg"`
-	DetachedHeader bool               `json:"detached-header"`
-	PayloadOffset  int64              `json:"payload-offset"`
-	MasterKeyIters uint32             `json:"master-key-iters"`
-	UUID           string             `json:"uuid"`
-	Slots          []luksfmt.SlotInfo `json:"slots"`
-	Version        int                `json:"version"`
-	SectorSize     int                `json:"sector-size"`
-	Label          string             `json:"label,omitempty"`
-	Subsystem      string             `json:"subsystem,omitempty"`
-}
-
-// ImageInfoSpecific is QEMU's {type, data} union.
-type ImageInfoSpecific struct {
-	Type string `json:"type"`
-	Data any    `json:"data"`
-}
-
-func (n *node) formatSpecific() any {
-	in := n.hdr.Info()
-	detached := in.PayloadOffset == 0
-	if in.Version == 1 {
-		q := qemuInfo{CipherAlg: in.CipherAlg, CipherMode: in.CipherMode, IVGenAlg: in.IVGenAlg, IVGenHashAlg: in.IVGenHashAlg,
-			HashAlg: in.HashAlg, DetachedHeader: detached, PayloadOffset: in.PayloadOffset, MasterKeyIters: in.MasterKeyIters, UUID: in.UUID}
-		for _, sl := range in.Slots {
-			q.Slots = append(q.Slots, qemuSlot{Active: sl.Active, Iters: sl.Iters, Stripes: sl.Stripes, KeyOffset: sl.KeyOffset})
-		}
-		return ImageInfoSpecific{Type: "luks", Data: q}
-	}
-	return ImageInfoSpecific{Type: "luks", Data: luks2Info{CipherAlg: in.CipherAlg, CipherMode: in.CipherMode, IVGenAlg: in.IVGenAlg,
-		IVGenHashAlg: in.IVGenHashAlg, HashAlg: in.HashAlg, DetachedHeader: detached, PayloadOffset: in.PayloadOffset,
-		MasterKeyIters: in.MasterKeyIters, UUID: in.UUID, Slots: in.Slots, Version: in.Version, SectorSize: in.SectorSize,
-		Label: in.Label, Subsystem: in.Subsystem}}
-}
-
 func (n *node) Info() graph.ImageInfo {
 	dirty := false
-	return graph.ImageInfo{ActualSize: -1, Encrypted: true, DirtyFlag: &dirty, FormatSpecific: n.formatSpecific()}
+	return graph.ImageInfo{ActualSize: -1, Encrypted: true, DirtyFlag: &dirty, FormatSpecific: graph.ImageInfoSpecific{Type: "luks", Data: qcrypto.NodeInfo(n.hdr.Info())}}
 }
 
 // StrongOptions reports key-secret: the node's contents depend on it, so

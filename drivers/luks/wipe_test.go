@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"os"
-	"path/filepath"
 	"reflect"
 	"runtime"
 	"strconv"
@@ -19,6 +18,7 @@ import (
 
 	"blockd/drivers/file"
 	"blockd/drivers/luks/luksfmt"
+	"blockd/drivers/luks/qcrypto"
 	"blockd/graph"
 	"blockd/internal/blockcrypto"
 	"blockd/internal/testutil"
@@ -78,21 +78,8 @@ func mapped(b []byte) bool {
 
 func openWipeNode(t *testing.T, version int) (*graph.Graph, *recordingSecrets, []byte) {
 	t.Helper()
-	img := filepath.Join(t.TempDir(), "disk.img")
-	f, err := os.Create(img)
-	if err != nil {
-		t.Fatal(err)
-	}
 	pass := "wipe me " + strconv.Itoa(version)
-	h, key, err := luksfmt.Create(f, luksfmt.CreateOptions{Version: version, Passphrase: []byte(pass),
-		KDF: luksfmt.KDF{Type: luksfmt.KDFPBKDF2, Iterations: 1000}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Truncate(h.PayloadOffset() + 1<<20); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
+	img, key := luksImage(t, version, pass)
 	st := &recordingSecrets{pass: pass}
 	g := graph.New(st, file.Driver(), Driver())
 	js := `{"driver":"luks","node-name":"disk","key-secret":"s","file":{"driver":"file","filename":"` + img + `"}}`
@@ -129,7 +116,7 @@ func TestKeysWipedOnClose(t *testing.T) {
 			}
 			g.ReleaseBackend(be)
 			iter := int64(1)
-			if err := n.Amend(context.Background(), &AmendOptions{State: "active", NewSecret: new(string), IterTime: &iter, PBKDF: ptr(pbkdfAlg("pbkdf2"))}, false); err != nil {
+			if err := n.Amend(context.Background(), &AmendOptions{State: "active", NewSecret: new(string), IterTime: &iter, PBKDF: ptr(qcrypto.PBKDFAlg("pbkdf2"))}, false); err != nil {
 				t.Fatal(err)
 			}
 			if err := g.Del("disk"); err != nil {

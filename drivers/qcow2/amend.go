@@ -1,13 +1,13 @@
 package qcow2
 
 import (
-	"blockd/drivers/luks"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"math/bits"
 
+	"blockd/drivers/luks/qcrypto"
 	"blockd/drivers/qcow2/qcow2fmt"
 	"blockd/graph"
 )
@@ -316,7 +316,7 @@ func (m *image) expandZeroClustersLocked(ctx context.Context) (bool, error) {
 // header write switches to them, and the old structures become free
 // space. metaMu is held and the caches are written back.
 func (m *image) changeRefcountOrderLocked(ctx context.Context, order uint32) error {
-	refs, err := qcow2fmt.References(childIO{ctx, m.file}, m.h, m.file.Size())
+	refs, err := qcow2fmt.References(graph.NewSectionIO(ctx, m.file, 0, -1), m.h, m.file.Size())
 	if err != nil {
 		return err
 	}
@@ -422,7 +422,7 @@ type AmendOptions struct {
 // EncryptAmend is QCryptoBlockAmendOptions (format luks).
 type EncryptAmend struct {
 	Format CryptoFormat `json:"format"`
-	luks.AmendOptions
+	qcrypto.AmendOptions
 }
 
 // Amend implements graph.Amender (qcow2_co_amend).
@@ -446,14 +446,13 @@ func (n *node) Amend(ctx context.Context, v any, force bool) error {
 	n.amendMu.Lock()
 	defer n.amendMu.Unlock()
 	m := n.image
-	k := &luks.Keyslots{
+	k := &qcrypto.Keyslots{
 		Header: n.luks, KeySecret: n.keySecret, Secret: n.secrets, Limits: n.kdfLimits,
 		Writer: func(ctx context.Context) (io.WriterAt, func(), error) {
 			m.metaMu.Lock()
 			h := m.h
 			m.metaMu.Unlock()
-			r := regionIO{ctx: ctx, c: m.file, off: int64(h.Crypto.Offset), n: int64(h.Crypto.Length)}
-			return r, func() { _ = m.file.Flush(ctx) }, nil
+			return cryptoRegion(ctx, m.file, h), func() { _ = m.file.Flush(ctx) }, nil
 		},
 	}
 	return k.Amend(ctx, &o.Encrypt.AmendOptions, force)

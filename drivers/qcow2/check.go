@@ -49,7 +49,7 @@ func (n *node) Check(ctx context.Context, fix int) (*CheckReport, error) {
 			return nil, err
 		}
 	}
-	res, err := qcow2fmt.Check(childIO{ctx, m.file}, m.file.Size())
+	res, err := qcow2fmt.Check(graph.NewSectionIO(ctx, m.file, 0, -1), m.file.Size())
 	if err != nil {
 		return &CheckReport{CheckErrors: 1}, err
 	}

@@ -7,8 +7,8 @@ import (
 	"fmt"
 	"math/bits"
 
-	"blockd/drivers/luks"
 	"blockd/drivers/luks/luksfmt"
+	"blockd/drivers/luks/qcrypto"
 	"blockd/drivers/qcow2/qcow2fmt"
 	"blockd/graph"
 	"blockd/internal/qapi"
@@ -54,7 +54,7 @@ func (CryptoFormat) EnumValues() []string { return []string{"qcow", "luks"} }
 // key-secret only) or luks with the LUKS fields.
 type EncryptCreate struct {
 	Format CryptoFormat
-	LUKS   luks.LUKSFields
+	LUKS   qcrypto.CreateFields
 }
 
 // UnmarshalQAPI implements qapi.Unmarshaler (a flat union on format).
@@ -83,12 +83,12 @@ func (e *EncryptCreate) UnmarshalQAPI(d *qapi.Decoder, v any, path string) error
 	}
 	var l struct {
 		Format CryptoFormat `json:"format"`
-		luks.LUKSFields
+		qcrypto.CreateFields
 	}
 	if err := d.DecodeValue(v, path, &l); err != nil {
 		return err
 	}
-	e.LUKS = l.LUKSFields
+	e.LUKS = l.CreateFields
 	return nil
 }
 
@@ -274,7 +274,7 @@ func Create(ctx context.Context, cc *graph.CreateContext, o *CreateOptions) erro
 	// temporary node here and another at the end, each taking an
 	// automatic node name; later names count on from there.
 	cc.Graph().SkipAutoNames(1)
-	h, err = qcow2fmt.ParseWith(childIO{ctx, file}, file.Size(), qcow2fmt.ParseOptions{})
+	h, err = qcow2fmt.ParseWith(graph.NewSectionIO(ctx, file, 0, -1), file.Size(), qcow2fmt.ParseOptions{})
 	if err != nil {
 		return err
 	}
@@ -355,7 +355,7 @@ func (m *image) setUpEncryption(ctx context.Context, fo luksfmt.CreateOptions, p
 	var buf memWA
 	hdr, key, err := luksfmt.Create(&buf, fo)
 	if err != nil {
-		return err
+		return qcrypto.GraphError(err)
 	}
 	luksfmt.Wipe(key)
 	length := hdr.PayloadOffset()

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
-	"io"
 	"math/bits"
 	"sync"
 	"sync/atomic"
@@ -110,31 +109,6 @@ func (m *image) getBuf() *[]byte {
 
 // errBroken is returned once a fatal corruption made the image unusable.
 var errBroken = fmt.Errorf("qcow2: the image was marked corrupt: %w", graph.ErrCorrupt)
-
-// childIO adapts a child to io.ReaderAt for the format package: reads
-// past the end return io.EOF after the bytes that exist.
-type childIO struct {
-	ctx context.Context
-	c   *graph.Child
-}
-
-func (r childIO) ReadAt(p []byte, off int64) (int, error) {
-	size := r.c.Size()
-	if off >= size {
-		return 0, io.EOF
-	}
-	n := int64(len(p))
-	if off+n > size {
-		n = size - off
-	}
-	if err := r.c.ReadAt(r.ctx, p[:n], off); err != nil {
-		return 0, err
-	}
-	if n < int64(len(p)) {
-		return int(n), io.EOF
-	}
-	return len(p), nil
-}
 
 // readChild reads from a child; bytes past its end read as zeroes (as QEMU
 // pads reads at the end of a file).

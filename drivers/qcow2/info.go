@@ -3,46 +3,16 @@ package qcow2
 import (
 	"context"
 
-	"blockd/drivers/luks/luksfmt"
+	"blockd/drivers/luks/qcrypto"
 	"blockd/drivers/qcow2/qcow2fmt"
 	"blockd/graph"
 )
 
 // EncryptInfo is ImageInfoSpecificQCow2Encryption: the format and, for
-// LUKS, QCryptoBlockInfoLUKS (QEMU's members only).
+// LUKS, QCryptoBlockInfoLUKS (QEMU 7.2's members only).
 type EncryptInfo struct {
-	Format         string     `json:"format"`
-	CipherAlg      string     `json:"cipher-alg"`
-	CipherMode     string     `json:"cipher-mode"`
-	IVGenAlg       string     `json:"ivgen-alg"`
-	IVGenHashAlg   string     `json:"ivgen-hash-alg,omitempty"`
-	HashAlg        string     `json:"hash-alg"`
-	PayloadOffset  int64      `json:"payload-offset"`
-	MasterKeyIters uint32     `json:"master-key-iters"`
-	UUID           string     `json:"uuid"`
-	Slots          []SlotInfo `json:"slots"`
-}
-
-// SlotInfo is QCryptoBlockInfoLUKSSlot.
-type SlotInfo struct {
-	Active    bool   `json:"active"`
-	Iters     uint32 `json:"iters,omitempty"`
-	Stripes   uint32 `json:"stripes,omitempty"`
-	KeyOffset int64  `json:"key-offset"`
-}
-
-func encryptInfo(in luksfmt.Info) *EncryptInfo {
-	e := &EncryptInfo{Format: "luks", CipherAlg: in.CipherAlg, CipherMode: in.CipherMode, IVGenAlg: in.IVGenAlg,
-		IVGenHashAlg: in.IVGenHashAlg, HashAlg: in.HashAlg, PayloadOffset: in.PayloadOffset,
-		MasterKeyIters: in.MasterKeyIters, UUID: in.UUID, Slots: []SlotInfo{}}
-	for _, s := range in.Slots {
-		si := SlotInfo{Active: s.Active, KeyOffset: s.KeyOffset}
-		if s.Active {
-			si.Iters, si.Stripes = s.Iters, s.Stripes
-		}
-		e.Slots = append(e.Slots, si)
-	}
-	return e
+	Format string `json:"format"`
+	qcrypto.Info[qcrypto.Slot]
 }
 
 // BitmapInfo is Qcow2BitmapInfo.
@@ -65,12 +35,6 @@ type FormatSpecific struct {
 	Encrypt         *EncryptInfo `json:"encrypt,omitempty"`
 	Bitmaps         []BitmapInfo `json:"bitmaps,omitempty"`
 	CompressionType string       `json:"compression-type"`
-}
-
-// ImageInfoSpecific is QEMU's {type, data} union.
-type ImageInfoSpecific struct {
-	Type string `json:"type"`
-	Data any    `json:"data"`
 }
 
 func ptr[T any](v T) *T { return &v }
@@ -100,7 +64,7 @@ func (n *node) Info() graph.ImageInfo {
 			fs.DataFileRaw = ptr(h.DataFileRaw())
 		}
 		if h.Bitmaps != nil {
-			if bms, err := qcow2fmt.Bitmaps(childIO{context.Background(), n.file}, h, n.file.Size()); err == nil {
+			if bms, err := qcow2fmt.Bitmaps(graph.NewSectionIO(context.Background(), n.file, 0, -1), h, n.file.Size()); err == nil {
 				for _, b := range bms {
 					bi := BitmapInfo{Name: b.Name, Granularity: uint32(1) << (b.GranularityBits & 31), Flags: []string{}}
 					if b.Flags&qcow2fmt.BitmapInUse != 0 {
@@ -115,7 +79,7 @@ func (n *node) Info() graph.ImageInfo {
 		}
 	}
 	if n.luks != nil {
-		fs.Encrypt = encryptInfo(n.luks.Info())
+		fs.Encrypt = &EncryptInfo{Format: "luks", Info: qcrypto.NewInfo(n.luks.Info())}
 	}
 	return graph.ImageInfo{
 		ActualSize:            -1,
@@ -126,6 +90,6 @@ func (n *node) Info() graph.ImageInfo {
 		FullBackingFilename:   n.backName,
 		BackingFilenameFormat: h.BackingFormat,
 		Snapshots:             snaps,
-		FormatSpecific:        ImageInfoSpecific{Type: "qcow2", Data: fs},
+		FormatSpecific:        graph.ImageInfoSpecific{Type: "qcow2", Data: fs},
 	}
 }

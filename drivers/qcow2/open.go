@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"blockd/drivers/luks/luksfmt"
+	"blockd/drivers/luks/qcrypto"
 	"blockd/drivers/qcow2/qcow2fmt"
 	"blockd/graph"
 	"blockd/internal/blockcrypto"
@@ -70,7 +71,7 @@ func newImage(ctx context.Context, h *qcow2fmt.Header, p imageParams) (*image, e
 	if m.reftable, err = readTable(ctx, m.file, int64(h.RefcountTableOffset), int64(h.RefcountTableClusters)*cs/8); err != nil {
 		return nil, fmt.Errorf("Could not initialize refcount handling: %w", err)
 	}
-	snaps, snapSize, err := qcow2fmt.Snapshots(childIO{ctx, m.file}, h)
+	snaps, snapSize, err := qcow2fmt.Snapshots(graph.NewSectionIO(ctx, m.file, 0, -1), h)
 	if err != nil {
 		return nil, err
 	}
@@ -148,7 +149,7 @@ func newImage(ctx context.Context, h *qcow2fmt.Header, p imageParams) (*image, e
 // blockd does not track writes in them, so once it writes they are
 // inconsistent. Disabled bitmaps stay valid. metaMu is held.
 func (m *image) markBitmapsInUse(ctx context.Context) error {
-	bms, err := qcow2fmt.Bitmaps(childIO{ctx, m.file}, m.h, m.file.Size())
+	bms, err := qcow2fmt.Bitmaps(graph.NewSectionIO(ctx, m.file, 0, -1), m.h, m.file.Size())
 	if err != nil {
 		return err
 	}
@@ -176,55 +177,26 @@ func (m *image) closeQuiet() {
 	}
 }
 
-// regionIO is io.ReaderAt and io.WriterAt over [off, off+n) of a child:
-// the LUKS header area of an encrypted image.
-type regionIO struct {
-	ctx    context.Context
-	c      *graph.Child
-	off, n int64
-}
-
-func (r regionIO) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 || off+int64(len(p)) > r.n {
-		return 0, fmt.Errorf("Request for data outside of extension header")
-	}
-	if err := readChild(r.ctx, r.c, p, r.off+off); err != nil {
-		return 0, fmt.Errorf("Could not read encryption header: %w", err)
-	}
-	return len(p), nil
-}
-
-func (r regionIO) WriteAt(p []byte, off int64) (int, error) {
-	if off < 0 || off+int64(len(p)) > r.n {
-		return 0, fmt.Errorf("Request for data outside of extension header")
-	}
-	end := r.off + off + int64(len(p))
-	if end > r.c.Size() {
-		if err := r.c.Truncate(r.ctx, end, graph.PreallocOff); err != nil {
-			return 0, err
-		}
-	}
-	if err := r.c.WriteAt(r.ctx, p, r.off+off, 0); err != nil {
-		return 0, fmt.Errorf("Could not write encryption header: %w", err)
-	}
-	return len(p), nil
+// cryptoRegion is the LUKS header area of an encrypted image, which the
+// header's crypto extension places in file.
+func cryptoRegion(ctx context.Context, file *graph.Child, h *qcow2fmt.Header) *graph.SectionIO {
+	return graph.NewSectionIO(ctx, file, int64(h.Crypto.Offset), int64(h.Crypto.Length))
 }
 
 // openLUKS opens the LUKS header of an encrypted image and unlocks the
 // volume key with pass (which it wipes), within the KDF limits lim.
 func openLUKS(ctx context.Context, file *graph.Child, h *qcow2fmt.Header, pass []byte, lim luksfmt.KDFLimits) (*blockcrypto.Cipher, *luksfmt.Header, error) {
 	defer luksfmt.Wipe(pass)
-	r := regionIO{ctx: ctx, c: file, off: int64(h.Crypto.Offset), n: int64(h.Crypto.Length)}
-	hdr, err := luksfmt.Open(r, r.n)
+	hdr, err := luksfmt.Open(cryptoRegion(ctx, file, h), int64(h.Crypto.Length))
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, qcrypto.GraphError(err)
 	}
 	if ss := hdr.SectorSize(); ss != 512 {
 		return nil, nil, fmt.Errorf("qcow2: LUKS encryption sector size %d is not supported (QEMU uses 512)", ss)
 	}
 	key, _, err := hdr.Unlock(ctx, pass, luksfmt.AnySlot, lim)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, qcrypto.GraphError(err)
 	}
 	defer luksfmt.Wipe(key)
 	c, err := blockcrypto.New(hdr.CipherSpec(), key)

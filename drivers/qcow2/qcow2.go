@@ -17,6 +17,7 @@ package qcow2
 
 import (
 	"blockd/drivers/luks/luksfmt"
+	"blockd/drivers/luks/qcrypto"
 	"context"
 	"errors"
 	"fmt"
@@ -268,7 +269,7 @@ func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 	// Tables past the end of the file read as zeroes (as in QEMU) for
 	// read-only opens and checks; writes through them would grow the
 	// file to wherever they point.
-	h, err := qcow2fmt.ParseWith(childIO{ctx, file}, file.Size(), qcow2fmt.ParseOptions{TablesPastEnd: ro || o.Graph().CheckOpen})
+	h, err := qcow2fmt.ParseWith(graph.NewSectionIO(ctx, file, 0, -1), file.Size(), qcow2fmt.ParseOptions{TablesPastEnd: ro || o.Graph().CheckOpen})
 	if err != nil {
 		return nil, err
 	}
@@ -321,9 +322,9 @@ func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 		}
 		if (opts.Encrypt == nil || opts.Encrypt.KeySecret == nil) && ro && o.Graph().MetadataOnly {
 			// Metadata only: the header is read, nothing unlocked.
-			hdr, err := luksfmt.Open(regionIO{ctx: ctx, c: file, off: int64(h.Crypto.Offset), n: int64(h.Crypto.Length)}, int64(h.Crypto.Length))
+			hdr, err := luksfmt.Open(cryptoRegion(ctx, file, h), int64(h.Crypto.Length))
 			if err != nil {
-				return nil, err
+				return nil, qcrypto.GraphError(err)
 			}
 			p.luks, n.noIO = hdr, errNoKey
 			break

@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"blockd/drivers/qcow2/qcow2fmt"
+	"blockd/graph"
 )
 
 // adjust records, during a repair, references the repair itself adds or
@@ -29,7 +30,7 @@ func (m *image) repairLocked(ctx context.Context, leaksOnly bool) error {
 // repairCountLocked is repairLocked, returning how many COPIED flags it
 // corrected.
 func (m *image) repairCountLocked(ctx context.Context, leaksOnly bool) (int, error) {
-	refs, err := qcow2fmt.References(childIO{ctx, m.file}, m.h, m.file.Size())
+	refs, err := qcow2fmt.References(graph.NewSectionIO(ctx, m.file, 0, -1), m.h, m.file.Size())
 	if err != nil {
 		return 0, err
 	}

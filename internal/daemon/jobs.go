@@ -39,7 +39,7 @@ func (d *Daemon) registerJobs() {
 		})
 	})
 	qmp.Handle(d.QMP, "x-blockdev-amend", func(ctx context.Context, m *qmp.Monitor, a *amendArgs) (*qmp.Empty, error) {
-		drv, opts, err := d.decodeAmendOptions(a.Options.V)
+		drv, opts, err := d.Graph.DecodeAmendOptions(a.Options.V)
 		if err != nil {
 			return nil, err
 		}
@@ -59,38 +59,4 @@ func (d *Daemon) registerJobs() {
 			return am.Amend(ctx, opts, force)
 		})
 	})
-}
-
-// decodeAmendOptions decodes BlockdevAmendOptions, a union on driver.
-func (d *Daemon) decodeAmendOptions(v any) (*graph.Driver, any, error) {
-	const path = "options"
-	obj, ok := v.(map[string]any)
-	if !ok {
-		return nil, nil, fmt.Errorf("Invalid parameter type for '%s', expected: object", path)
-	}
-	dv, ok := obj["driver"]
-	if !ok {
-		return nil, nil, fmt.Errorf("Parameter '%s.driver' is missing", path)
-	}
-	ds, ok := dv.(string)
-	if !ok {
-		return nil, nil, fmt.Errorf("Invalid parameter type for '%s.driver', expected: string", path)
-	}
-	drv := d.Graph.Driver(ds)
-	if drv == nil {
-		return nil, nil, fmt.Errorf("Parameter 'driver' does not accept value '%s'", ds)
-	}
-	var base struct {
-		Driver string `json:"driver"`
-	}
-	targets := []any{&base}
-	var opts any
-	if drv.AmendOptions != nil {
-		opts = drv.AmendOptions()
-		targets = append(targets, opts)
-	}
-	if err := (&qapi.Decoder{}).Decode(obj, path, targets...); err != nil {
-		return nil, nil, err
-	}
-	return drv, opts, nil
 }

@@ -14,24 +14,9 @@ import (
 // SnapshotInfo is QEMU's SnapshotInfo, as the graph reports it.
 type SnapshotInfo = graph.SnapshotInfo
 
-// ImageInfo is QEMU 7.2's ImageInfo, members in QAPI order (the JSON
-// encoder puts them in QEMU's QDict order).
-type ImageInfo struct {
-	Filename              string         `json:"filename"`
-	Format                string         `json:"format"`
-	DirtyFlag             *bool          `json:"dirty-flag,omitempty"`
-	ActualSize            *int64         `json:"actual-size,omitempty"`
-	VirtualSize           int64          `json:"virtual-size"`
-	ClusterSize           int64          `json:"cluster-size,omitempty"`
-	Encrypted             bool           `json:"encrypted,omitempty"`
-	Compressed            bool           `json:"compressed,omitempty"`
-	BackingFilename       string         `json:"backing-filename,omitempty"`
-	FullBackingFilename   string         `json:"full-backing-filename,omitempty"`
-	BackingFilenameFormat string         `json:"backing-filename-format,omitempty"`
-	Snapshots             []SnapshotInfo `json:"snapshots,omitempty"`
-	BackingImage          *ImageInfo     `json:"backing-image,omitempty"`
-	FormatSpecific        any            `json:"format-specific,omitempty"`
-}
+// ImageInfo is QEMU 7.2's ImageInfo, the graph's (the JSON encoder puts
+// its members in QEMU's QDict order).
+type ImageInfo = graph.ImageInfoQAPI
 
 // imageInfo builds the ImageInfo of an opened image from what the graph
 // reports for its root node (BDS.ImageInfo) plus qemu-img's extras.
@@ -51,19 +36,7 @@ func (im *image) imageInfo() *ImageInfo {
 			}
 		}
 	}
-	ii := &ImageInfo{
-		Filename:              gi.Filename,
-		Format:                gi.Format,
-		DirtyFlag:             gi.DirtyFlag,
-		ActualSize:            gi.ActualSize,
-		VirtualSize:           gi.VirtualSize,
-		ClusterSize:           gi.ClusterSize,
-		Encrypted:             gi.Encrypted,
-		BackingFilename:       gi.BackingFilename,
-		FullBackingFilename:   gi.FullBackingFilename,
-		BackingFilenameFormat: gi.BackingFilenameFormat,
-		FormatSpecific:        gi.FormatSpecific,
-	}
+	ii := gi
 	if ii.DirtyFlag == nil && hasDriverInfo[ii.Format] {
 		// QEMU reports dirty-flag for every driver with bdrv_get_info.
 		f := false

@@ -5,8 +5,8 @@ import (
 	"fmt"
 	"strings"
 
-	"blockd/drivers/luks"
 	"blockd/drivers/luks/luksfmt"
+	"blockd/drivers/luks/qcrypto"
 	"blockd/graph"
 	"blockd/internal/qapi"
 )
@@ -75,7 +75,7 @@ func (e *env) openLUKSMeta(name string, tree map[string]any, kv bool, o openOpts
 	if m.hdrBlk != nil {
 		meta = m.hdrBlk
 	}
-	m.hdr, err = luksfmt.Open(luks.ChildIO{Ctx: e.ctx, Child: meta}, meta.Size())
+	m.hdr, err = luksfmt.Open(graph.NewSectionIO(e.ctx, meta, 0, -1), meta.Size())
 	if err != nil {
 		return fail(fmt.Errorf("luks: %w", err))
 	}
@@ -127,64 +127,8 @@ func (m *luksMeta) info() *ImageInfo {
 		ActualSize:     fi.ActualSize,
 		VirtualSize:    m.virtualSize(),
 		Encrypted:      true,
-		FormatSpecific: luks.ImageInfoSpecific{Type: "luks", Data: luksFormatSpecific(in)},
+		FormatSpecific: graph.ImageInfoSpecific{Type: "luks", Data: qcrypto.NodeInfo(in)},
 	}
-}
-
-// luksSlot and luksInfo are what the luks driver reports for LUKS1
-// (QEMU's QCryptoBlockInfoLUKS plus detached-header), luks2Info for LUKS2;
-// the driver keeps its types unexported, so they are mirrored here.
-type luksSlot struct {
-	Active    bool   `json:"active"`
-	Iters     uint32 `json:"iters,omitempty"`
-	Stripes   uint32 `json:"stripes,omitempty"`
-	KeyOffset int64  `json:"key-offset"`
-}
-
-type luksInfo struct {
-	CipherAlg      string     `json:"cipher-alg"`
-	CipherMode     string     `json:"cipher-mode"`
-	IVGenAlg       string     `json:"ivgen-alg"`
-	IVGenHashAlg   string     `json:"ivgen-hash-alg,omitempty"`
-	HashAlg        string     `json:"hash-alg"`
-	DetachedHeader bool       `json:"detached-header"`
-	PayloadOffset  int64      `json:"payload-offset"`
-	MasterKeyIters uint32     `json:"master-key-iters"`
-	UUID           string     `json:"uuid"`
-	Slots          []luksSlot `json:"slots"`
-}
-
-type luks2Info struct {
-	CipherAlg      string             `json:"cipher-alg"`
-	CipherMode     string             `json:"cipher-mode"`
-	IVGenAlg       string             `json:"ivgen-alg"`
-	IVGenHashAlg   string             `json:"ivgen-hash-alg,omitempty"`
-	HashAlg        string             `json:"hash-alg"`
-	DetachedHeader bool               `json:"detached-header"`
-	PayloadOffset  int64              `json:"payload-offset"`
-	MasterKeyIters uint32             `json:"master-key-iters"`
-	UUID           string             `json:"uuid"`
-	Slots          []luksfmt.SlotInfo `json:"slots"`
-	Version        int                `json:"version"`
-	SectorSize     int                `json:"sector-size"`
-	Label          string             `json:"label,omitempty"`
-	Subsystem      string             `json:"subsystem,omitempty"`
-}
-
-func luksFormatSpecific(in luksfmt.Info) any {
-	detached := in.PayloadOffset == 0
-	if in.Version == 1 {
-		q := luksInfo{CipherAlg: in.CipherAlg, CipherMode: in.CipherMode, IVGenAlg: in.IVGenAlg, IVGenHashAlg: in.IVGenHashAlg,
-			HashAlg: in.HashAlg, DetachedHeader: detached, PayloadOffset: in.PayloadOffset, MasterKeyIters: in.MasterKeyIters, UUID: in.UUID}
-		for _, sl := range in.Slots {
-			q.Slots = append(q.Slots, luksSlot{Active: sl.Active, Iters: sl.Iters, Stripes: sl.Stripes, KeyOffset: sl.KeyOffset})
-		}
-		return q
-	}
-	return luks2Info{CipherAlg: in.CipherAlg, CipherMode: in.CipherMode, IVGenAlg: in.IVGenAlg,
-		IVGenHashAlg: in.IVGenHashAlg, HashAlg: in.HashAlg, DetachedHeader: detached, PayloadOffset: in.PayloadOffset,
-		MasterKeyIters: in.MasterKeyIters, UUID: in.UUID, Slots: in.Slots, Version: in.Version, SectorSize: in.SectorSize,
-		Label: in.Label, Subsystem: in.Subsystem}
 }
 
 // protocolOptions is the json: description of a protocol node.

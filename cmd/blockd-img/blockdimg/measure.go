@@ -5,8 +5,8 @@ import (
 	"fmt"
 	"math"
 
-	"blockd/drivers/luks"
 	"blockd/drivers/luks/luksfmt"
+	"blockd/drivers/luks/qcrypto"
 	"blockd/internal/qapi"
 )
 
@@ -159,7 +159,7 @@ func (e *env) luksPayloadOffset(opts *qemuOpts) (int64, error) {
 	delete(tree, "preallocation")
 	delete(tree, "nocow")
 	delete(tree, "extent-size-hint")
-	var f luks.LUKSFields
+	var f qcrypto.CreateFields
 	if err := qapi.Decode(tree, false, &f); err != nil {
 		return 0, err
 	}

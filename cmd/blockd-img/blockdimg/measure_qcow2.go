@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"blockd/drivers/qcow2"
+	"blockd/graph"
 )
 
 // This file is bdrv_measure for qcow2 (QEMU 7.2's qcow2_measure): the
@@ -194,7 +195,7 @@ func qcow2SourceBitmapsSize(in *image, cs uint64) (int64, bool) {
 	if in.bds == nil || in.bds.Driver().Name != "qcow2" {
 		return 0, false
 	}
-	spec, ok := in.bds.ImageInfo(false).FormatSpecific.(qcow2.ImageInfoSpecific)
+	spec, ok := in.bds.ImageInfo(false).FormatSpecific.(graph.ImageInfoSpecific)
 	if !ok {
 		return 0, false
 	}

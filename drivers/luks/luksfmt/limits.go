@@ -10,7 +10,6 @@ import (
 
 	"golang.org/x/crypto/argon2"
 
-	"blockd/graph"
 	"blockd/internal/qapi"
 )
 
@@ -74,7 +73,7 @@ type limitError struct{ msg string }
 func (e *limitError) Error() string { return e.msg }
 
 func (e *limitError) Is(target error) bool {
-	return target == ErrKDFLimit || target == graph.ErrNotSupported
+	return target == ErrKDFLimit
 }
 
 // pbkdf2Cost is one PBKDF2 computation: a keyslot's or a digest's.
