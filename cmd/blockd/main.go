@@ -24,7 +24,7 @@ import (
 	"blockd/drivers/qcow2"
 	"blockd/drivers/raw"
 	"blockd/graph"
-	"blockd/internal/daemon"
+	"blockd/daemon"
 	"blockd/internal/keyval"
 	"blockd/internal/qapi"
 	"blockd/qmp"

@@ -23,7 +23,7 @@ import (
 	"blockd/drivers/null"
 	"blockd/drivers/qcow2"
 	"blockd/drivers/raw"
-	"blockd/internal/daemon"
+	"blockd/daemon"
 	"blockd/internal/keymem"
 	"blockd/qmp"
 	"blockd/secrets"

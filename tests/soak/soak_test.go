@@ -35,7 +35,7 @@ import (
 	"blockd/drivers/null"
 	"blockd/drivers/qcow2"
 	"blockd/drivers/raw"
-	"blockd/internal/daemon"
+	"blockd/daemon"
 	"blockd/qmp"
 	"blockd/tests/harness"
 )

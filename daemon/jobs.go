@@ -10,7 +10,7 @@ import (
 	"blockd/qmp"
 )
 
-// blockdev-create and x-blockdev-amend run as jobs (internal/job): the
+// blockdev-create and x-blockdev-amend run as jobs (daemon/job): the
 // command validates its arguments and returns {} at once; the outcome is in
 // query-jobs.
 
