@@ -156,7 +156,7 @@ func (d *Daemon) addExport(a blockExportArgs) error {
 	if d.nbd == nil {
 		return errors.New("NBD server not running")
 	}
-	if !validID(a.ID) {
+	if !qapi.WellFormedID(a.ID) {
 		return fmt.Errorf("Invalid block export id '%s'", a.ID)
 	}
 	for _, x := range d.nbd.exports {

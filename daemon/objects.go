@@ -50,7 +50,7 @@ func (d *Daemon) addObject(tree any, keyval bool) error {
 	if err := dec.Decode(baseOnly, "", &base); err != nil {
 		return err
 	}
-	if !validID(base.ID) {
+	if !qapi.WellFormedID(base.ID) {
 		return fmt.Errorf("Parameter 'id' expects an identifier")
 	}
 	switch base.QomType {
@@ -89,25 +89,6 @@ func (d *Daemon) addObject(tree any, keyval bool) error {
 		return nil
 	}
 	return fmt.Errorf("Parameter 'qom-type' does not accept value '%s'", base.QomType)
-}
-
-// validID is QEMU's id_wellformed: a letter, then letters, digits, '-',
-// '.', '_'.
-func validID(s string) bool {
-	if s == "" {
-		return false
-	}
-	c := s[0]
-	if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z') {
-		return false
-	}
-	for i := 1; i < len(s); i++ {
-		c := s[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '.' || c == '_') {
-			return false
-		}
-	}
-	return true
 }
 
 type objectDelArgs struct {

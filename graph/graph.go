@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"sync"
 	"time"
+
+	"blockd/internal/qapi"
 )
 
 // SecretStore is how drivers read secrets (key-secret).
@@ -53,23 +55,9 @@ func (g *Graph) DriverNames() []string {
 	return out
 }
 
-// ValidNodeName reports whether s follows QEMU's node-name rules.
-func ValidNodeName(s string) bool {
-	if s == "" || len(s) > 31 {
-		return false
-	}
-	c := s[0]
-	if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z') {
-		return false
-	}
-	for i := 1; i < len(s); i++ {
-		c := s[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '.' || c == '_') {
-			return false
-		}
-	}
-	return true
-}
+// ValidNodeName reports whether s follows QEMU's node-name rules: a
+// well-formed id of at most 31 characters.
+func ValidNodeName(s string) bool { return len(s) <= 31 && qapi.WellFormedID(s) }
 
 func checkNodeName(s string) error {
 	if s == "" {

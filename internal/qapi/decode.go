@@ -499,3 +499,22 @@ func (o *Opaque) UnmarshalQAPI(_ *Decoder, v any, _ string) error {
 	o.V = v
 	return nil
 }
+
+// WellFormedID is QEMU's id_wellformed, the rule for object ids, export
+// ids and node names: a letter, then letters, digits, '-', '.' and '_'.
+func WellFormedID(s string) bool {
+	if s == "" {
+		return false
+	}
+	c := s[0]
+	if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z') {
+		return false
+	}
+	for i := 1; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '.' || c == '_') {
+			return false
+		}
+	}
+	return true
+}
