@@ -11,14 +11,23 @@ import (
 )
 
 // metaWriter returns a writer for the LUKS metadata and a release function.
-// A detached header is shared read-only by its luks nodes, so keyslot
-// updates attach to it with write permission for their duration.
+// Without a detached header the file edge takes write and unshares
+// consistent read and write for the update, as QEMU's crypto driver does
+// while updating_keys is set. A detached header is shared read-only by its
+// luks nodes, so keyslot updates attach to it with write permission for
+// their duration.
 func (n *node) metaWriter(ctx context.Context) (*graph.SectionIO, func(), error) {
 	if n.header == nil {
-		return graph.NewSectionIO(ctx, n.file, 0, -1).WithFlags(graph.FUA), func() {}, nil
+		spec := n.fileSpec
+		spec.ExtraPerm |= graph.PermWrite
+		spec.Unshare |= graph.PermRead | graph.PermWrite
+		if err := n.g.SetChildSpec(n.file, spec); err != nil {
+			return nil, nil, err
+		}
+		return graph.NewSectionIO(ctx, n.file, 0, -1).WithFlags(graph.FUA), func() { _ = n.g.SetChildSpec(n.file, n.fileSpec) }, nil
 	}
 	hb := n.header.BDS()
-	c, err := n.g.NewBackend(hb.Name(), fmt.Sprintf("node '%s' (updating its LUKS header)", n.name), graph.PermRead|graph.PermWrite|graph.PermResize, graph.PermRead|graph.PermWriteUnchanged)
+	c, err := n.g.NewBackend(hb.Name(), fmt.Sprintf("node '%s' updating its LUKS header", n.name), graph.PermRead|graph.PermWrite|graph.PermResize, graph.PermRead|graph.PermWriteUnchanged)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -43,6 +43,7 @@ type AmendOptions = qcrypto.AmendOptions
 
 type node struct {
 	file, header *graph.Child
+	fileSpec     graph.ChildSpec // how the file edge is used outside keyslot updates
 	hdr          *luksfmt.Header
 	kdfLimits    luksfmt.KDFLimits // the graph's, for amending keyslots
 	cipher       *blockcrypto.Cipher
@@ -80,7 +81,10 @@ func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 	if opts.Header != nil {
 		fileRole = graph.RoleData | graph.RolePrimary
 	}
-	file, err := o.Child(ctx, "file", &opts.File, graph.ChildSpec{Role: fileRole})
+	// QEMU's block_crypto_child_perms: the file takes write and resize
+	// only when the luks node's users do, and shares what they share.
+	n.fileSpec = graph.ChildSpec{Role: fileRole, OnlyWhenNeeded: true, ShareAsParent: true}
+	file, err := o.Child(ctx, "file", &opts.File, n.fileSpec)
 	n.name = o.NodeName()
 	if err != nil {
 		return nil, err

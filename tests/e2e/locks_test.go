@@ -166,6 +166,8 @@ func TestImageLocksMatchQSD(t *testing.T) {
 	testutil.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", p("base.qcow2"), "1M")
 	testutil.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", p("base.qcow2"), "-F", "qcow2", p("top.qcow2"))
 	testutil.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file="+p("d.raw"), p("dq.qcow2"), "1M")
+	secret := "secret,id=sec0,data=pw"
+	testutil.Run(t, "qemu-img", "create", "-q", "-f", "luks", "--object", secret, "-o", "key-secret=sec0,iter-time=10", p("l.luks"), "1M")
 
 	file := func(node, name, extra string) []string {
 		return []string{"--blockdev", "driver=file,node-name=" + node + ",filename=" + p(name) + extra}
@@ -188,6 +190,9 @@ func TestImageLocksMatchQSD(t *testing.T) {
 	qcow2 := func(extra string) []string {
 		return []string{"--blockdev", "driver=qcow2,node-name=top,file=f" + extra}
 	}
+	luks := func(extra string) []string {
+		return []string{"--object", secret, "--blockdev", "driver=luks,node-name=top,file=f,key-secret=sec0" + extra}
+	}
 	const ro = ",read-only=on"
 	rows := []struct {
 		name  string
@@ -204,6 +209,10 @@ func TestImageLocksMatchQSD(t *testing.T) {
 		{"qcow2-ro-export", []string{"q.qcow2"}, cat(file("f", "q.qcow2", ro), qcow2(ro), export(false))},
 		{"qcow2-backing-export-rw", []string{"top.qcow2", "base.qcow2"}, cat(file("f", "top.qcow2", ""), qcow2(""), export(true))},
 		{"qcow2-data-file-export-rw", []string{"dq.qcow2", "d.raw"}, cat(file("f", "dq.qcow2", ""), file("d", "d.raw", ""), qcow2(",data-file=d"), export(true))},
+		{"luks", []string{"l.luks"}, cat(file("f", "l.luks", ""), luks(""))},
+		{"luks-export-ro", []string{"l.luks"}, cat(file("f", "l.luks", ""), luks(""), export(false))},
+		{"luks-export-rw", []string{"l.luks"}, cat(file("f", "l.luks", ""), luks(""), export(true))},
+		{"luks-ro-export", []string{"l.luks"}, cat(file("f", "l.luks", ro), luks(ro), export(false))},
 	}
 	for _, r := range rows {
 		t.Run(r.name, func(t *testing.T) {
