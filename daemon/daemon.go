@@ -65,6 +65,7 @@ func New(log *logrus.Entry, drivers ...*graph.Driver) *Daemon {
 	d.QMP.SetQuit(d.Quit)
 	d.Graph.Events = d.QMP.Emit
 	d.registerBlock()
+	d.registerSnapshot()
 	d.registerObjects()
 	d.registerNBD()
 	return d

@@ -28,9 +28,9 @@ type nbdState struct {
 }
 
 type export struct {
-	id, name, node string
-	backend        *graph.Child
-	shuttingDown   bool
+	id, name     string
+	backend      *graph.Child
+	shuttingDown bool
 }
 
 // StartNBDFlat implements --nbd-server (flat SocketAddress).
@@ -206,7 +206,7 @@ func (d *Daemon) addExport(a blockExportArgs) error {
 		d.Graph.ReleaseBackend(be)
 		return err
 	}
-	d.nbd.exports = append(d.nbd.exports, &export{id: a.ID, name: name, node: a.NodeName, backend: be})
+	d.nbd.exports = append(d.nbd.exports, &export{id: a.ID, name: name, backend: be})
 	return nil
 }
 
@@ -293,7 +293,7 @@ func (d *Daemon) queryExports() []BlockExportInfo {
 	}
 	for i := len(d.nbd.exports) - 1; i >= 0; i-- {
 		x := d.nbd.exports[i]
-		out = append(out, BlockExportInfo{ID: x.id, Type: "nbd", NodeName: x.node, ShuttingDown: x.shuttingDown})
+		out = append(out, BlockExportInfo{ID: x.id, Type: "nbd", NodeName: x.backend.BDS().Name(), ShuttingDown: x.shuttingDown})
 	}
 	return out
 }

@@ -17,7 +17,8 @@ func (g *Graph) NewBackend(nodeName, user string, perm, shared Perm) (*Child, er
 	if b == nil {
 		return nil, fmt.Errorf("Cannot find device='%s' nor node-name='%s'", nodeName, nodeName)
 	}
-	c := &Child{name: "root", user: user, node: b, fixedPerm: perm, fixedShared: shared}
+	c := &Child{name: "root", user: user, fixedPerm: perm, fixedShared: shared}
+	c.target.Store(b)
 	if err := g.attach(c); err != nil {
 		return nil, err
 	}
@@ -32,7 +33,7 @@ func (g *Graph) ReleaseBackend(c *Child) {
 	if c.detached {
 		return
 	}
-	c.node.users--
+	c.n().users--
 	g.detach(c)
 }
 
@@ -49,10 +50,10 @@ func (g *Graph) SetChildSpec(c *Child, spec ChildSpec) error {
 	c.spec = spec
 	c.setPerm(c.effective())
 	err := error(nil)
-	if c.perm&(PermWrite|PermResize) != 0 && c.node.readOnly {
+	if c.perm&(PermWrite|PermResize) != 0 && c.n().readOnly {
 		err = errors.New("Block node is read-only")
 	} else {
-		err = g.refresh(c.node)
+		err = g.refresh(c.n())
 	}
 	if err != nil {
 		c.spec = oldSpec
@@ -62,10 +63,10 @@ func (g *Graph) SetChildSpec(c *Child, spec ChildSpec) error {
 	return nil
 }
 
-// attach adds edge c to c.node's users, checking and applying permissions.
+// attach adds edge c to c.n()'s users, checking and applying permissions.
 // g.mu is held.
 func (g *Graph) attach(c *Child) error {
-	b := c.node
+	b := c.n()
 	c.setPerm(c.effective())
 	if c.perm&(PermWrite|PermResize) != 0 && b.readOnly {
 		return fmt.Errorf("Block node is read-only")
@@ -91,12 +92,12 @@ func (g *Graph) detach(c *Child) {
 	}
 	c.detached = true
 	g.removeEdge(c)
-	_ = g.refresh(c.node)
-	g.unref(c.node)
+	_ = g.refresh(c.n())
+	g.unref(c.n())
 }
 
 func (g *Graph) removeEdge(c *Child) {
-	b := c.node
+	b := c.n()
 	list := &b.parents
 	if c.parent == nil {
 		list = &b.backends
@@ -149,7 +150,7 @@ func (g *Graph) refresh(b *BDS) error {
 	for _, c := range b.children {
 		op, os := c.perm, c.shared
 		c.setPerm(c.effective())
-		if c.perm&(PermWrite|PermResize) != 0 && c.node.readOnly {
+		if c.perm&(PermWrite|PermResize) != 0 && c.n().readOnly {
 			c.setPerm(op, os)
 			b.perm, b.shared = oldPerm, oldShared
 			if ps, ok := b.node.(PermSetter); ok {
@@ -157,7 +158,7 @@ func (g *Graph) refresh(b *BDS) error {
 			}
 			return fmt.Errorf("Block node is read-only")
 		}
-		if err := g.refresh(c.node); err != nil {
+		if err := g.refresh(c.n()); err != nil {
 			c.setPerm(op, os)
 			b.perm, b.shared = oldPerm, oldShared
 			if ps, ok := b.node.(PermSetter); ok {
@@ -177,7 +178,9 @@ type Child struct {
 	user   string // backend user description
 	role   Role
 	parent *BDS
-	node   *BDS
+	// target is the node the edge points to. It changes only under g.mu
+	// (ReplaceNode); the I/O path loads it once per request.
+	target atomic.Pointer[BDS]
 
 	spec ChildSpec
 
@@ -191,6 +194,9 @@ type Child struct {
 	// for a keyslot update while its users write).
 	ioPerm atomic.Uint32
 }
+
+// n returns the node the edge points to.
+func (c *Child) n() *BDS { return c.target.Load() }
 
 // setPerm sets the edge's permissions. g.mu is held.
 func (c *Child) setPerm(perm, shared Perm) {
@@ -215,11 +221,11 @@ func (c *Child) desc() string {
 	} else if c.user != "" {
 		who = c.user
 	}
-	return fmt.Sprintf("%s (uses node '%s' as '%s' child)", who, c.node.name, c.name)
+	return fmt.Sprintf("%s (uses node '%s' as '%s' child)", who, c.n().name, c.name)
 }
 
 // Name returns the child's role name ("file", "header"...).
 func (c *Child) Name() string { return c.name }
 
 // BDS returns the node the edge points to.
-func (c *Child) BDS() *BDS { return c.node }
+func (c *Child) BDS() *BDS { return c.n() }

@@ -2,6 +2,7 @@ package graph
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"sync"
@@ -13,6 +14,14 @@ import (
 // SecretStore is how drivers read secrets (key-secret).
 type SecretStore interface {
 	Get(id string) ([]byte, error)
+}
+
+// TLSCredStore is how drivers find tls-creds objects (the nbd driver's
+// tls-creds).
+type TLSCredStore interface {
+	// ClientTLS returns the configuration of a tls-creds object with
+	// endpoint=client, or an error in QEMU's words.
+	ClientTLS(id string) (*tls.Config, error)
 }
 
 // KDFLimits are the bounds on unlocking one keyslot of an encrypted image,
@@ -291,6 +300,11 @@ type BDS struct {
 	monitorOwned bool
 	perm, shared Perm // cumulative permissions applied to the node
 	closed       bool
+
+	// gate is held shared by every request through an edge to the node
+	// and exclusively while the edges pointing to it are moved
+	// (Graph.Snapshot), which so waits for the requests in flight.
+	gate sync.RWMutex
 
 	// rmw serialises read-modify-write cycles against aligned writes on
 	// nodes with an alignment above 1: aligned writes hold it shared,

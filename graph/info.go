@@ -134,10 +134,10 @@ func (b *BDS) exactFilename() string {
 	// and with its header's backing is named by its protocol child's
 	// filename; other children (a data file) do not change that.
 	p := b.primary()
-	if p == nil || !p.node.opts.Driver.Protocol {
+	if p == nil || !p.n().opts.Driver.Protocol {
 		return ""
 	}
-	return p.node.exactFilename()
+	return p.n().exactFilename()
 }
 
 // fullOptions is the QEMU "full open options" of a node, used in json:
@@ -152,7 +152,7 @@ func (b *BDS) fullOptions() qapi.Object {
 		if c.role&RoleCOW != 0 && !overridden {
 			continue
 		}
-		o = append(o, qapi.Member{Name: c.name, Value: c.node.fullOptions()})
+		o = append(o, qapi.Member{Name: c.name, Value: c.n().fullOptions()})
 	}
 	return o
 }
@@ -182,7 +182,7 @@ func (b *BDS) actualSize() *int64 {
 			if c.role&(RoleData|RoleMetadata|RoleFiltered) == 0 {
 				continue
 			}
-			v := c.node.actualSize()
+			v := c.n().actualSize()
 			if v == nil {
 				return nil
 			}
@@ -194,7 +194,7 @@ func (b *BDS) actualSize() *int64 {
 		}
 	}
 	if p := b.primary(); p != nil {
-		return p.node.actualSize()
+		return p.n().actualSize()
 	}
 	if in.ActualSize >= 0 {
 		v := in.ActualSize
@@ -206,7 +206,7 @@ func (b *BDS) actualSize() *int64 {
 func (b *BDS) backing() *BDS {
 	for _, c := range b.children {
 		if c.role&RoleCOW != 0 {
-			return c.node
+			return c.n()
 		}
 	}
 	return nil

@@ -12,53 +12,67 @@ import (
 // transfer size and widened to its alignment with read-modify-write, so
 // drivers only ever see valid, aligned requests.
 
-func (c *Child) check(op string, off, n int64) error {
+func (c *Child) check(b *BDS, op string, off, n int64) error {
 	if c.detached {
-		return &OpError{Op: op, Node: c.node.name, Off: off, Len: n, Err: ErrClosed}
+		return &OpError{Op: op, Node: b.name, Off: off, Len: n, Err: ErrClosed}
 	}
-	if off < 0 || n < 0 || off+n < off || off+n > c.node.node.Size() {
-		return &OpError{Op: op, Node: c.node.name, Off: off, Len: n, Err: ErrRange}
+	if off < 0 || n < 0 || off+n < off || off+n > b.node.Size() {
+		return &OpError{Op: op, Node: b.name, Off: off, Len: n, Err: ErrRange}
 	}
 	return nil
 }
 
-func (c *Child) checkWrite(op string, off, n int64) error {
-	if err := c.check(op, off, n); err != nil {
+func (c *Child) checkWrite(b *BDS, op string, off, n int64) error {
+	if err := c.check(b, op, off, n); err != nil {
 		return err
 	}
 	if Perm(c.ioPerm.Load())&(PermWrite|PermWriteUnchanged) == 0 {
-		return &OpError{Op: op, Node: c.node.name, Off: off, Len: n, Err: ErrReadOnly}
+		return &OpError{Op: op, Node: b.name, Off: off, Len: n, Err: ErrReadOnly}
 	}
 	return nil
 }
 
+// enter returns the node the edge points to, held against replacement
+// (Graph.Snapshot) until the caller releases it with b.gate.RUnlock(). A
+// request that raced with a replacement goes to the new node.
+func (c *Child) enter() *BDS {
+	for {
+		b := c.n()
+		b.gate.RLock()
+		if c.n() == b {
+			return b
+		}
+		b.gate.RUnlock()
+	}
+}
+
 // Size returns the node's current size.
-func (c *Child) Size() int64 { return c.node.node.Size() }
+func (c *Child) Size() int64 { return c.n().node.Size() }
 
 // Limits returns the node's limits.
-func (c *Child) Limits() Limits { return c.node.limits }
+func (c *Child) Limits() Limits { return c.n().limits }
 
 // Close does nothing: edges are released through the graph.
 func (c *Child) Close() error { return nil }
 
-func (c *Child) wrap(op string, off, n int64, err error) error {
+func (c *Child) wrap(b *BDS, op string, off, n int64, err error) error {
 	if err == nil {
 		return nil
 	}
 	if _, ok := err.(*OpError); ok {
 		return err
 	}
-	return &OpError{Op: op, Node: c.node.name, Off: off, Len: n, Err: err}
+	return &OpError{Op: op, Node: b.name, Off: off, Len: n, Err: err}
 }
 
 // chunks calls fn for pieces of [off, off+n) no larger than the node's
 // maximum transfer size (rounded down to its alignment).
-func (c *Child) chunks(off, n int64, fn func(off, n int64) error) error {
-	max := c.node.limits.MaxTransfer
+func (c *Child) chunks(b *BDS, off, n int64, fn func(off, n int64) error) error {
+	max := b.limits.MaxTransfer
 	if max <= 0 || n <= max {
 		return fn(off, n)
 	}
-	a := c.node.limits.Align
+	a := b.limits.Align
 	max -= max % a
 	if max <= 0 {
 		max = a
@@ -76,14 +90,15 @@ func (c *Child) chunks(off, n int64, fn func(off, n int64) error) error {
 
 // ReadAt reads len(p) bytes at off.
 func (c *Child) ReadAt(ctx context.Context, p []byte, off int64) error {
+	b := c.enter()
+	defer b.gate.RUnlock()
 	n := int64(len(p))
-	if err := c.check("read", off, n); err != nil {
+	if err := c.check(b, "read", off, n); err != nil {
 		return err
 	}
-	b := c.node
 	a := b.limits.Align
 	if (off|n)&(a-1) == 0 {
-		return c.wrap("read", off, n, c.chunks(off, n, func(o, l int64) error {
+		return c.wrap(b, "read", off, n, c.chunks(b, off, n, func(o, l int64) error {
 			return b.node.ReadAt(ctx, p[o-off:o-off+l], o)
 		}))
 	}
@@ -92,10 +107,10 @@ func (c *Child) ReadAt(ctx context.Context, p []byte, off int64) error {
 	bp := bufpool.Get(int(end - start))
 	defer bufpool.Put(bp)
 	buf := *bp
-	if err := c.chunks(start, end-start, func(o, l int64) error {
+	if err := c.chunks(b, start, end-start, func(o, l int64) error {
 		return b.node.ReadAt(ctx, buf[o-start:o-start+l], o)
 	}); err != nil {
-		return c.wrap("read", off, n, err)
+		return c.wrap(b, "read", off, n, err)
 	}
 	copy(p, buf[off-start:])
 	return nil
@@ -118,40 +133,40 @@ func allZero(p []byte) bool {
 
 // WriteAt writes p at off.
 func (c *Child) WriteAt(ctx context.Context, p []byte, off int64, f ReqFlags) error {
+	b := c.enter()
+	defer b.gate.RUnlock()
 	n := int64(len(p))
-	if err := c.checkWrite("write", off, n); err != nil {
+	if err := c.checkWrite(b, "write", off, n); err != nil {
 		return err
 	}
-	b := c.node
 	if dz := b.opts.DetectZeroes; dz != "" && dz != "off" && n > 0 && allZero(p) {
 		zf := f &^ MayUnmap
 		if dz == "unmap" {
 			zf |= MayUnmap
 		}
-		return c.writeZeroes(ctx, off, n, zf)
+		return c.writeZeroes(ctx, b, off, n, zf)
 	}
 	a := b.limits.Align
 	if a == 1 {
-		return c.wrap("write", off, n, c.chunks(off, n, func(o, l int64) error {
+		return c.wrap(b, "write", off, n, c.chunks(b, off, n, func(o, l int64) error {
 			return b.node.WriteAt(ctx, p[o-off:o-off+l], o, f)
 		}))
 	}
 	if (off|n)&(a-1) == 0 {
 		b.rmw.RLock()
 		defer b.rmw.RUnlock()
-		return c.wrap("write", off, n, c.chunks(off, n, func(o, l int64) error {
+		return c.wrap(b, "write", off, n, c.chunks(b, off, n, func(o, l int64) error {
 			return b.node.WriteAt(ctx, p[o-off:o-off+l], o, f)
 		}))
 	}
 	b.rmw.Lock()
 	defer b.rmw.Unlock()
-	return c.wrap("write", off, n, c.rmwWrite(ctx, p, off, f))
+	return c.wrap(b, "write", off, n, c.rmwWrite(ctx, b, p, off, f))
 }
 
 // rmwWrite writes an unaligned range by reading the partial head and tail
 // blocks. b.rmw is held exclusively.
-func (c *Child) rmwWrite(ctx context.Context, p []byte, off int64, f ReqFlags) error {
-	b := c.node
+func (c *Child) rmwWrite(ctx context.Context, b *BDS, p []byte, off int64, f ReqFlags) error {
 	a := b.limits.Align
 	n := int64(len(p))
 	start := off &^ (a - 1)
@@ -174,7 +189,7 @@ func (c *Child) rmwWrite(ctx context.Context, p []byte, off int64, f ReqFlags) e
 		}
 	}
 	copy(buf[off-start:], p)
-	return c.chunks(start, end-start, func(o, l int64) error {
+	return c.chunks(b, start, end-start, func(o, l int64) error {
 		return b.node.WriteAt(ctx, buf[o-start:o-start+l], o, f)
 	})
 }
@@ -182,14 +197,15 @@ func (c *Child) rmwWrite(ctx context.Context, p []byte, off int64, f ReqFlags) e
 // WriteZeroes writes zeroes to [off, off+n), without a data buffer where
 // the node can.
 func (c *Child) WriteZeroes(ctx context.Context, off, n int64, f ReqFlags) error {
-	if err := c.checkWrite("zero", off, n); err != nil {
+	b := c.enter()
+	defer b.gate.RUnlock()
+	if err := c.checkWrite(b, "zero", off, n); err != nil {
 		return err
 	}
-	return c.writeZeroes(ctx, off, n, f)
+	return c.writeZeroes(ctx, b, off, n, f)
 }
 
-func (c *Child) writeZeroes(ctx context.Context, off, n int64, f ReqFlags) error {
-	b := c.node
+func (c *Child) writeZeroes(ctx context.Context, b *BDS, off, n int64, f ReqFlags) error {
 	if b.opts.Discard != "unmap" {
 		f &^= MayUnmap
 	}
@@ -200,9 +216,9 @@ func (c *Child) writeZeroes(ctx context.Context, off, n int64, f ReqFlags) error
 	}
 	if a > 1 && head > 0 {
 		if f&NoFallback != 0 {
-			return c.wrap("zero", off, n, ErrNotSupported)
+			return c.wrap(b, "zero", off, n, ErrNotSupported)
 		}
-		if err := c.zeroBuffer(ctx, off, head, f); err != nil {
+		if err := c.zeroBuffer(ctx, b, off, head, f); err != nil {
 			return err
 		}
 		off, n = off+head, n-head
@@ -213,19 +229,19 @@ func (c *Child) writeZeroes(ctx context.Context, off, n int64, f ReqFlags) error
 		if a > 1 {
 			b.rmw.RLock()
 		}
-		err := c.zeroAligned(ctx, off, mid, f)
+		err := c.zeroAligned(ctx, b, off, mid, f)
 		if a > 1 {
 			b.rmw.RUnlock()
 		}
 		if err != nil {
-			return c.wrap("zero", off, mid, err)
+			return c.wrap(b, "zero", off, mid, err)
 		}
 	}
 	if tail > 0 {
 		if f&NoFallback != 0 {
-			return c.wrap("zero", off, n, ErrNotSupported)
+			return c.wrap(b, "zero", off, n, ErrNotSupported)
 		}
-		return c.zeroBuffer(ctx, off+mid, tail, f)
+		return c.zeroBuffer(ctx, b, off+mid, tail, f)
 	}
 	return nil
 }
@@ -234,10 +250,9 @@ const zeroChunk = 1 << 20
 
 var zeroBuf = make([]byte, zeroChunk)
 
-func (c *Child) zeroAligned(ctx context.Context, off, n int64, f ReqFlags) error {
-	b := c.node
+func (c *Child) zeroAligned(ctx context.Context, b *BDS, off, n int64, f ReqFlags) error {
 	if z, ok := b.node.(Zeroer); ok {
-		err := c.chunks(off, n, func(o, l int64) error { return z.WriteZeroes(ctx, o, l, f) })
+		err := c.chunks(b, off, n, func(o, l int64) error { return z.WriteZeroes(ctx, o, l, f) })
 		if err == nil || f&NoFallback != 0 || !isNotSupported(err) {
 			return err
 		}
@@ -247,7 +262,7 @@ func (c *Child) zeroAligned(ctx context.Context, off, n int64, f ReqFlags) error
 	}
 	for n > 0 {
 		l := min(n, zeroChunk)
-		if err := c.chunks(off, l, func(o, l2 int64) error {
+		if err := c.chunks(b, off, l, func(o, l2 int64) error {
 			return b.node.WriteAt(ctx, zeroBuf[:l2], o, f&FUA)
 		}); err != nil {
 			return err
@@ -258,11 +273,10 @@ func (c *Child) zeroAligned(ctx context.Context, off, n int64, f ReqFlags) error
 }
 
 // zeroBuffer zeroes a sub-alignment range with read-modify-write.
-func (c *Child) zeroBuffer(ctx context.Context, off, n int64, f ReqFlags) error {
-	b := c.node
+func (c *Child) zeroBuffer(ctx context.Context, b *BDS, off, n int64, f ReqFlags) error {
 	b.rmw.Lock()
 	defer b.rmw.Unlock()
-	return c.wrap("zero", off, n, c.rmwWrite(ctx, make([]byte, n), off, f&FUA))
+	return c.wrap(b, "zero", off, n, c.rmwWrite(ctx, b, make([]byte, n), off, f&FUA))
 }
 
 func isNotSupported(err error) bool {
@@ -272,10 +286,11 @@ func isNotSupported(err error) bool {
 // Discard deallocates [off, off+n) where the node allows it (discard=unmap);
 // otherwise it does nothing, as QEMU does. Unaligned edges are skipped.
 func (c *Child) Discard(ctx context.Context, off, n int64) error {
-	if err := c.checkWrite("discard", off, n); err != nil {
+	b := c.enter()
+	defer b.gate.RUnlock()
+	if err := c.checkWrite(b, "discard", off, n); err != nil {
 		return err
 	}
-	b := c.node
 	if b.opts.Discard != "unmap" {
 		return nil
 	}
@@ -289,26 +304,28 @@ func (c *Child) Discard(ctx context.Context, off, n int64) error {
 	if end <= start {
 		return nil
 	}
-	err := c.chunks(start, end-start, func(o, l int64) error { return d.Discard(ctx, o, l) })
+	err := c.chunks(b, start, end-start, func(o, l int64) error { return d.Discard(ctx, o, l) })
 	if isNotSupported(err) {
 		return nil
 	}
-	return c.wrap("discard", off, n, err)
+	return c.wrap(b, "discard", off, n, err)
 }
 
 // BlockStatus reports allocation from off. Nodes without the capability
 // report everything as data.
 func (c *Child) BlockStatus(ctx context.Context, off, n int64) ([]Extent, error) {
-	if err := c.check("status", off, n); err != nil {
+	b := c.enter()
+	defer b.gate.RUnlock()
+	if err := c.check(b, "status", off, n); err != nil {
 		return nil, err
 	}
 	if n == 0 {
 		return nil, nil
 	}
-	if bs, ok := c.node.node.(BlockStatuser); ok {
+	if bs, ok := b.node.(BlockStatuser); ok {
 		ext, err := bs.BlockStatus(ctx, off, n)
 		if err != nil {
-			return nil, c.wrap("status", off, n, err)
+			return nil, c.wrap(b, "status", off, n, err)
 		}
 		return ext, nil
 	}
@@ -317,62 +334,70 @@ func (c *Child) BlockStatus(ctx context.Context, off, n int64) ([]Extent, error)
 
 // HasBlockStatus reports whether the node can tell holes from data.
 func (c *Child) HasBlockStatus() bool {
-	_, ok := c.node.node.(BlockStatuser)
+	b := c.n()
+	_, ok := b.node.(BlockStatuser)
 	return ok
 }
 
 // CanZero reports whether WriteZeroes can be fast (no data buffer).
 func (c *Child) CanZero() bool {
-	_, ok := c.node.node.(Zeroer)
+	b := c.n()
+	_, ok := b.node.(Zeroer)
 	return ok
 }
 
 // Flush makes previous writes stable unless the node has cache.no-flush.
 func (c *Child) Flush(ctx context.Context) error {
+	b := c.enter()
+	defer b.gate.RUnlock()
 	if c.detached {
 		return ErrClosed
 	}
-	if c.node.opts.NoFlush() {
+	if b.opts.NoFlush() {
 		return nil
 	}
-	return c.wrap("flush", 0, 0, c.node.node.Flush(ctx))
+	return c.wrap(b, "flush", 0, 0, b.node.Flush(ctx))
 }
 
 // Cache prefetches a range where the node supports it.
 func (c *Child) Cache(ctx context.Context, off, n int64) error {
-	if err := c.check("cache", off, n); err != nil {
+	b := c.enter()
+	defer b.gate.RUnlock()
+	if err := c.check(b, "cache", off, n); err != nil {
 		return err
 	}
-	if ch, ok := c.node.node.(Cacher); ok {
-		return c.wrap("cache", off, n, ch.Cache(ctx, off, n))
+	if ch, ok := b.node.(Cacher); ok {
+		return c.wrap(b, "cache", off, n, ch.Cache(ctx, off, n))
 	}
 	return nil
 }
 
 // Truncate resizes the node; the edge needs the resize permission.
 func (c *Child) Truncate(ctx context.Context, size int64, mode Prealloc) error {
+	b := c.enter()
+	defer b.gate.RUnlock()
 	if c.detached {
 		return ErrClosed
 	}
 	if Perm(c.ioPerm.Load())&PermResize == 0 {
-		return &OpError{Op: "truncate", Node: c.node.name, Off: size, Err: ErrReadOnly}
+		return &OpError{Op: "truncate", Node: b.name, Off: size, Err: ErrReadOnly}
 	}
 	if size < 0 {
-		return &OpError{Op: "truncate", Node: c.node.name, Off: size, Err: ErrRange}
+		return &OpError{Op: "truncate", Node: b.name, Off: size, Err: ErrRange}
 	}
 	if mode == "" {
 		mode = PreallocOff
 	}
-	if pr, ok := c.node.node.(PreallocResizer); ok {
-		return c.wrap("truncate", size, 0, pr.TruncatePrealloc(ctx, size, mode))
+	if pr, ok := b.node.(PreallocResizer); ok {
+		return c.wrap(b, "truncate", size, 0, pr.TruncatePrealloc(ctx, size, mode))
 	}
 	if mode != PreallocOff {
-		return &OpError{Op: "truncate", Node: c.node.name, Off: size, Err: ErrNotSupported}
+		return &OpError{Op: "truncate", Node: b.name, Off: size, Err: ErrNotSupported}
 	}
-	if r, ok := c.node.node.(Resizer); ok {
-		return c.wrap("truncate", size, 0, r.Truncate(ctx, size))
+	if r, ok := b.node.(Resizer); ok {
+		return c.wrap(b, "truncate", size, 0, r.Truncate(ctx, size))
 	}
-	return &OpError{Op: "truncate", Node: c.node.name, Off: size, Err: ErrNotSupported}
+	return &OpError{Op: "truncate", Node: b.name, Off: size, Err: ErrNotSupported}
 }
 
 // BlockStatusAbove reports allocation through the whole backing chain the
@@ -381,11 +406,12 @@ func (c *Child) Truncate(ctx context.Context, size int64, mode Prealloc) error {
 // anything that reads as zeroes without stored data (holes, zero clusters)
 // is a hole that reads as zeroes.
 func (c *Child) BlockStatusAbove(ctx context.Context, off, n int64) ([]Extent, error) {
+	b := c.n()
 	ext, err := c.BlockStatus(ctx, off, n)
 	if err != nil {
 		return nil, err
 	}
-	back := c.node.backingChild()
+	back := b.backingChild()
 	out := make([]Extent, 0, len(ext))
 	pos := off
 	for _, e := range ext {
@@ -410,7 +436,7 @@ func (c *Child) BlockStatusAbove(ctx context.Context, off, n int64) ([]Extent, e
 				return nil, err
 			}
 			if len(sub) == 0 {
-				return nil, &OpError{Op: "status", Node: back.node.name, Off: pos, Len: end - pos, Err: ErrCorrupt}
+				return nil, &OpError{Op: "status", Node: back.n().name, Off: pos, Len: end - pos, Err: ErrCorrupt}
 			}
 			for _, s := range sub {
 				out = appendExtent(out, s)

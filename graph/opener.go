@@ -2,6 +2,7 @@ package graph
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"math/rand/v2"
 	"sync"
@@ -18,6 +19,8 @@ type Graph struct {
 	byName  map[string]*BDS
 	autoID  uint64
 	Secrets SecretStore
+	// TLSCreds gives drivers the tls-creds objects (nil: none exist).
+	TLSCreds TLSCredStore
 	// MetadataOnly lets read-only opens skip unlocking encryption when no
 	// key is given (QEMU's BDRV_O_NO_IO, for tools that show metadata):
 	// such nodes refuse I/O.
@@ -103,6 +106,20 @@ func (o *Opener) Secret(id string) ([]byte, error) {
 	return o.g.Secrets.Get(id)
 }
 
+// SetReadOnly makes the node being opened read-only: a driver whose
+// backend turned out read-only under auto-read-only=on calls it (QEMU's
+// bdrv_apply_auto_read_only).
+func (o *Opener) SetReadOnly() { o.b.readOnly = true }
+
+// ClientTLS returns the TLS configuration of the tls-creds object id,
+// which must have endpoint=client.
+func (o *Opener) ClientTLS(id string) (*tls.Config, error) {
+	if o.g.TLSCreds == nil {
+		return nil, fmt.Errorf("No TLS credentials with id '%s'", id)
+	}
+	return o.g.TLSCreds.ClientTLS(id)
+}
+
 // Child opens or references the child named name ("file", "header",
 // "backing"...) described by ref. A nil ref (or one with neither name nor
 // inline options) returns nil, nil: the caller decides whether that is an
@@ -129,7 +146,8 @@ func (o *Opener) Child(ctx context.Context, name string, ref *Ref, spec ChildSpe
 			return nil, fmt.Errorf("Cannot find device='%s' nor node-name='%s'", ref.Name, ref.Name)
 		}
 	}
-	c := &Child{name: name, role: spec.Role, parent: o.b, node: cb, spec: spec}
+	c := &Child{name: name, role: spec.Role, parent: o.b, spec: spec}
+	c.target.Store(cb)
 	if err := g.attach(c); err != nil {
 		if cb.refs == 0 {
 			g.closeNode(cb)
