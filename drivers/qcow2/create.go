@@ -110,6 +110,7 @@ type CreateOptions struct {
 	CompressionType *CompressionType `json:"compression-type,omitempty"`
 }
 
+// validateClusterSize checks a cluster size as QEMU's validate_cluster_size.
 func validateClusterSize(cs uint64, extL2 bool) error {
 	if cs < 512 || cs > 2<<20 || cs&(cs-1) != 0 {
 		return fmt.Errorf("Cluster size must be a power of two between %d and %dk", 512, 2048)
@@ -130,37 +131,120 @@ func create(ctx context.Context, cc *graph.CreateContext, v any) error {
 // qemu-img's: header in cluster 0, refcount table and block in clusters 1
 // and 2, the L1 table next, then the encryption header.
 func Create(ctx context.Context, cc *graph.CreateContext, o *CreateOptions) error {
-	size := uint64(o.Size)
-	if size%512 != 0 {
-		return fmt.Errorf("Image size must be a multiple of %d bytes", 512)
-	}
-	version := uint32(3)
-	if o.Version != nil && *o.Version == "v2" {
-		version = 2
-	}
-	cs := uint64(65536)
-	if o.ClusterSize != nil {
-		cs = uint64(*o.ClusterSize)
-	}
-	extL2 := o.ExtendedL2 != nil && *o.ExtendedL2
-	if extL2 && version < 3 {
-		return errors.New("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)")
-	}
-	if err := validateClusterSize(cs, extL2); err != nil {
+	s, err := checkCreateOptions(o)
+	if err != nil {
 		return err
 	}
-	prealloc := graph.PreallocOff
-	if o.Preallocation != nil {
-		prealloc = graph.Prealloc(*o.Preallocation)
+	fo, pass, err := createEncryption(cc, o.Encrypt)
+	if err != nil {
+		return err
 	}
-	if o.BackingFile != nil && prealloc != graph.PreallocOff && !extL2 {
+	defer luksfmt.Wipe(pass)
+	file, data, err := openCreateChildren(cc, o)
+	if err != nil {
+		return err
+	}
+	if err := s.writeInitialMetadata(ctx, file, data != nil); err != nil {
+		return err
+	}
+	// Open it and make it consistent, then grow it. QEMU opens a
+	// temporary node here and another at the end, each taking an
+	// automatic node name; later names count on from there.
+	m, err := openNewImage(ctx, cc, file, data)
+	if err != nil {
+		return err
+	}
+	defer m.closeQuiet()
+	if err := m.claimInitialClusters(ctx, data); err != nil {
+		return err
+	}
+	// Growing to the virtual size preallocates as asked.
+	if err := m.truncate(ctx, int64(s.size), s.prealloc); err != nil {
+		return fmt.Errorf("Could not resize image: %w", err)
+	}
+	if o.BackingFile != nil {
+		if err := m.writeBackingFile(ctx, *o.BackingFile, o.BackingFmt); err != nil {
+			return err
+		}
+	}
+	if o.Encrypt != nil {
+		if err := m.setUpEncryption(ctx, fo, pass); err != nil {
+			return err
+		}
+	}
+	cc.Graph().SkipAutoNames(1)
+	return m.close(ctx)
+}
+
+// createSpec is what Create takes from its options once they are checked.
+type createSpec struct {
+	size         uint64
+	version      uint32
+	cs           uint64 // cluster size
+	extL2        bool
+	prealloc     graph.Prealloc
+	lazy         bool
+	refcountBits int64
+	raw          bool // data-file-raw
+	compression  uint8
+}
+
+// checkCreateOptions checks o in qcow2_co_create's order and resolves its
+// defaults.
+func checkCreateOptions(o *CreateOptions) (*createSpec, error) {
+	s := new(createSpec)
+	for _, check := range []func(*CreateOptions) error{
+		s.checkLayout, s.checkPrealloc, s.checkRefcounts, s.checkDataFile, s.checkCompression,
+	} {
+		if err := check(o); err != nil {
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
+// checkLayout resolves the virtual size, version, cluster size and
+// extended L2 entries.
+func (s *createSpec) checkLayout(o *CreateOptions) error {
+	s.size = uint64(o.Size)
+	if s.size%512 != 0 {
+		return fmt.Errorf("Image size must be a multiple of %d bytes", 512)
+	}
+	s.version = 3
+	if o.Version != nil && *o.Version == "v2" {
+		s.version = 2
+	}
+	s.cs = 65536
+	if o.ClusterSize != nil {
+		s.cs = uint64(*o.ClusterSize)
+	}
+	s.extL2 = o.ExtendedL2 != nil && *o.ExtendedL2
+	if s.extL2 && s.version < 3 {
+		return errors.New("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)")
+	}
+	return validateClusterSize(s.cs, s.extL2)
+}
+
+// checkPrealloc resolves the preallocation mode and checks it and the
+// backing format against the backing file.
+func (s *createSpec) checkPrealloc(o *CreateOptions) error {
+	s.prealloc = graph.PreallocOff
+	if o.Preallocation != nil {
+		s.prealloc = graph.Prealloc(*o.Preallocation)
+	}
+	if o.BackingFile != nil && s.prealloc != graph.PreallocOff && !s.extL2 {
 		return errors.New("Backing file and preallocation can only be used at the same time if extended_l2 is on")
 	}
 	if o.BackingFmt != nil && o.BackingFile == nil {
 		return errors.New("Backing format cannot be used without backing file")
 	}
-	lazy := o.LazyRefcounts != nil && *o.LazyRefcounts
-	if version < 3 && lazy {
+	return nil
+}
+
+// checkRefcounts resolves lazy refcounts and the refcount width.
+func (s *createSpec) checkRefcounts(o *CreateOptions) error {
+	s.lazy = o.LazyRefcounts != nil && *o.LazyRefcounts
+	if s.version < 3 && s.lazy {
 		return errors.New("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)")
 	}
 	rb := int64(16)
@@ -170,93 +254,127 @@ func Create(ctx context.Context, cc *graph.CreateContext, o *CreateOptions) erro
 	if rb > 64 || rb <= 0 || rb&(rb-1) != 0 {
 		return errors.New("Refcount width must be a power of two and may not exceed 64 bits")
 	}
-	if version < 3 && rb != 16 {
+	if s.version < 3 && rb != 16 {
 		return errors.New("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)")
 	}
-	raw := o.DataFileRaw != nil && *o.DataFileRaw
-	if raw && o.DataFile == nil {
+	s.refcountBits = rb
+	return nil
+}
+
+// checkDataFile checks the external data file options; a raw data file
+// implies metadata preallocation.
+func (s *createSpec) checkDataFile(o *CreateOptions) error {
+	s.raw = o.DataFileRaw != nil && *o.DataFileRaw
+	if s.raw && o.DataFile == nil {
 		return errors.New("data-file-raw requires data-file")
 	}
-	if raw && o.BackingFile != nil {
+	if s.raw && o.BackingFile != nil {
 		return errors.New("Backing file and data-file-raw cannot be used at the same time")
 	}
-	if raw && prealloc == graph.PreallocOff {
-		prealloc = graph.PreallocMetadata
+	if s.raw && s.prealloc == graph.PreallocOff {
+		s.prealloc = graph.PreallocMetadata
 	}
-	if o.DataFile != nil && version < 3 {
+	if o.DataFile != nil && s.version < 3 {
 		return errors.New("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)")
 	}
-	compression := uint8(qcow2fmt.CompressionZlib)
+	return nil
+}
+
+// checkCompression resolves the compression type.
+func (s *createSpec) checkCompression(o *CreateOptions) error {
+	s.compression = qcow2fmt.CompressionZlib
 	if o.CompressionType != nil && *o.CompressionType != "zlib" {
-		if version < 3 {
+		if s.version < 3 {
 			return errors.New("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)")
 		}
-		compression = qcow2fmt.CompressionZstd
+		s.compression = qcow2fmt.CompressionZstd
 	}
+	return nil
+}
+
+// createEncryption checks the encrypt options (LUKS1 only) and reads the
+// passphrase, which the caller wipes.
+func createEncryption(cc *graph.CreateContext, e *EncryptCreate) (luksfmt.CreateOptions, []byte, error) {
 	var fo luksfmt.CreateOptions
-	var pass []byte
-	if o.Encrypt != nil {
-		if o.Encrypt.Format == "qcow" {
-			return errors.New("qcow2: creating images with the legacy AES encryption is not supported; use encrypt.format=luks")
-		}
-		var err error
-		if fo, err = o.Encrypt.LUKS.FormatOptions(); err != nil {
-			return err
-		}
-		if fo.Version == 2 || (fo.SectorSize != 0 && fo.SectorSize != 512) {
-			return errors.New("qcow2: native encryption supports LUKS1 with 512-byte sectors only (as QEMU)")
-		}
-		if o.Encrypt.LUKS.KeySecret == nil {
-			return errors.New("Parameter 'encrypt.key-secret' is required for cipher")
-		}
-		if pass, err = cc.Secret(*o.Encrypt.LUKS.KeySecret); err != nil {
-			return err
-		}
-		defer luksfmt.Wipe(pass)
+	if e == nil {
+		return fo, nil, nil
 	}
-	file, err := cc.Open(&o.File, "file")
+	if e.Format == "qcow" {
+		return fo, nil, errors.New("qcow2: creating images with the legacy AES encryption is not supported; use encrypt.format=luks")
+	}
+	fo, err := e.LUKS.FormatOptions()
 	if err != nil {
-		return err
+		return fo, nil, err
 	}
-	var data *graph.Child
+	if fo.Version == 2 || (fo.SectorSize != 0 && fo.SectorSize != 512) {
+		return fo, nil, errors.New("qcow2: native encryption supports LUKS1 with 512-byte sectors only (as QEMU)")
+	}
+	if e.LUKS.KeySecret == nil {
+		return fo, nil, errors.New("Parameter 'encrypt.key-secret' is required for cipher")
+	}
+	pass, err := cc.Secret(*e.LUKS.KeySecret)
+	if err != nil {
+		return fo, nil, err
+	}
+	return fo, pass, nil
+}
+
+// openCreateChildren opens the file to format and the data file, if any.
+func openCreateChildren(cc *graph.CreateContext, o *CreateOptions) (file, data *graph.Child, err error) {
+	if file, err = cc.Open(&o.File, "file"); err != nil {
+		return nil, nil, err
+	}
 	if o.DataFile != nil {
 		if data, err = cc.Open(o.DataFile, "data-file"); err != nil {
-			return err
+			return nil, nil, err
 		}
 	}
-	// A minimal header and a refcount table with one empty block.
+	return file, data, nil
+}
+
+// initialHeader is a minimal header whose refcount table, in cluster 1,
+// has one empty block.
+func (s *createSpec) initialHeader(hasData bool) *qcow2fmt.Header {
 	h := &qcow2fmt.Header{
-		Version:               version,
-		ClusterBits:           uint32(bits.TrailingZeros64(cs)),
-		RefcountTableOffset:   cs,
+		Version:               s.version,
+		ClusterBits:           uint32(bits.TrailingZeros64(s.cs)),
+		RefcountTableOffset:   s.cs,
 		RefcountTableClusters: 1,
-		RefcountOrder:         uint32(bits.TrailingZeros64(uint64(rb))),
-		CompressionType:       compression,
+		RefcountOrder:         uint32(bits.TrailingZeros64(uint64(s.refcountBits))),
+		CompressionType:       s.compression,
 	}
-	if lazy {
+	if s.lazy {
 		h.CompatibleFeatures |= qcow2fmt.CompatLazyRefcounts
 	}
-	if data != nil {
+	if hasData {
 		h.IncompatibleFeatures |= qcow2fmt.IncompatDataFile
 	}
-	if raw {
+	if s.raw {
 		h.AutoclearFeatures |= qcow2fmt.AutoclearDataFileRaw
 	}
-	if compression != qcow2fmt.CompressionZlib {
+	if s.compression != qcow2fmt.CompressionZlib {
 		h.IncompatibleFeatures |= qcow2fmt.IncompatCompression
 	}
-	if extL2 {
+	if s.extL2 {
 		h.IncompatibleFeatures |= qcow2fmt.IncompatExtL2
 	}
+	return h
+}
+
+// writeInitialMetadata writes the initial header into cluster 0 and the
+// refcount table and its block into clusters 1 and 2.
+func (s *createSpec) writeInitialMetadata(ctx context.Context, file *graph.Child, hasData bool) error {
+	h := s.initialHeader(hasData)
 	first, err := h.Marshal(false)
 	if err != nil {
 		return err
 	}
 	// QEMU's first header is just the fixed part, without extensions.
 	clear(first[h.HeaderLength:])
-	if version >= 3 {
+	if s.version >= 3 {
 		binary.BigEndian.PutUint32(first[100:], qcow2fmt.HeaderLen)
 	}
+	cs := s.cs
 	tables := make([]byte, 2*cs)
 	binary.BigEndian.PutUint64(tables, 2*cs)
 	if file.Size() < int64(3*cs) {
@@ -270,23 +388,28 @@ func Create(ctx context.Context, cc *graph.CreateContext, o *CreateOptions) erro
 	if err := file.WriteAt(ctx, tables, int64(cs), 0); err != nil {
 		return fmt.Errorf("Could not write refcount table: %w", err)
 	}
-	// Open it and make it consistent, then grow it. QEMU opens a
-	// temporary node here and another at the end, each taking an
-	// automatic node name; later names count on from there.
+	return nil
+}
+
+// openNewImage opens the image just written, as QEMU's temporary node
+// (which takes an automatic node name), with small caches and no repair.
+func openNewImage(ctx context.Context, cc *graph.CreateContext, file, data *graph.Child) (*image, error) {
 	cc.Graph().SkipAutoNames(1)
-	h, err = qcow2fmt.ParseWith(graph.NewSectionIO(ctx, file, 0, -1), file.Size(), qcow2fmt.ParseOptions{})
+	h, err := qcow2fmt.ParseWith(graph.NewSectionIO(ctx, file, 0, -1), file.Size(), qcow2fmt.ParseOptions{})
 	if err != nil {
-		return err
+		return nil, err
 	}
-	m, err := newImage(ctx, h, imageParams{file: file, data: data, l2Tables: 16, rcBlocks: 4, lazy: false, overlap: olCached, noRepair: true})
-	if err != nil {
-		return err
-	}
-	defer m.closeQuiet()
+	return newImage(ctx, h, imageParams{file: file, data: data, l2Tables: 16, rcBlocks: 4, lazy: false, overlap: olCached, noRepair: true})
+}
+
+// claimInitialClusters counts the header and refcount clusters in the
+// refcounts and names the data file, if any, in the header.
+func (m *image) claimInitialClusters(ctx context.Context, data *graph.Child) error {
 	m.metaMu.Lock()
+	defer m.metaMu.Unlock()
 	off, err := m.allocClusters(ctx, 3)
 	if err == nil && off != 0 {
-		err = fmt.Errorf("qcow2: the first cluster of a new image is in use")
+		err = errors.New("qcow2: the first cluster of a new image is in use")
 	}
 	if err == nil && data != nil {
 		m.h.DataFile = data.BDS().Filename()
@@ -295,35 +418,24 @@ func Create(ctx context.Context, cc *graph.CreateContext, o *CreateOptions) erro
 	if err == nil {
 		err = m.writeHeader(ctx)
 	}
-	m.metaMu.Unlock()
 	if err != nil {
 		return fmt.Errorf("Could not update qcow2 header: %w", err)
 	}
-	if err := m.truncate(ctx, int64(size), prealloc); err != nil {
-		return fmt.Errorf("Could not resize image: %w", err)
+	return nil
+}
+
+// writeBackingFile records the backing file name and format in the header.
+func (m *image) writeBackingFile(ctx context.Context, name string, format *BlockdevDriver) error {
+	if len(name) > qcow2fmt.MaxBackingFileName {
+		return fmt.Errorf("Could not assign backing file '%s': File name too long", name)
 	}
-	if o.BackingFile != nil {
-		if len(*o.BackingFile) > qcow2fmt.MaxBackingFileName {
-			return fmt.Errorf("Could not assign backing file '%s': File name too long", *o.BackingFile)
-		}
-		m.metaMu.Lock()
-		m.h.BackingFile = *o.BackingFile
-		if o.BackingFmt != nil {
-			m.h.BackingFormat = string(*o.BackingFmt)
-		}
-		err := m.writeHeader(ctx)
-		m.metaMu.Unlock()
-		if err != nil {
-			return err
-		}
+	m.metaMu.Lock()
+	defer m.metaMu.Unlock()
+	m.h.BackingFile = name
+	if format != nil {
+		m.h.BackingFormat = string(*format)
 	}
-	if o.Encrypt != nil {
-		if err := m.setUpEncryption(ctx, fo, pass); err != nil {
-			return err
-		}
-	}
-	cc.Graph().SkipAutoNames(1)
-	return m.close(ctx)
+	return m.writeHeader(ctx)
 }
 
 // memWA is an in-memory io.WriterAt and io.ReaderAt.

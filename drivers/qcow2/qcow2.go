@@ -256,37 +256,80 @@ var (
 	_ graph.ExplicitBackinger = (*node)(nil)
 )
 
-func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
+// open opens a qcow2 node as QEMU's qcow2_open does, and checks in the same
+// order: the header, the runtime options, encryption, the external data
+// file, the metadata tables, the backing file.
+func open(ctx context.Context, o *graph.Opener, v any) (_ graph.Node, err error) {
 	opts := v.(*Options)
 	ro := o.ReadOnly()
-	file, err := o.Child(ctx, "file", &opts.File, graph.ChildSpec{Role: graph.RoleData | graph.RoleMetadata | graph.RolePrimary})
+	file, h, err := openHeader(ctx, o, opts, ro)
 	if err != nil {
 		return nil, err
 	}
+	p, err := openParams(o, opts, h, ro)
+	if err != nil {
+		return nil, err
+	}
+	// Until the node is returned, an error wipes the unlocked key.
+	defer func() {
+		if err != nil && p.cipher != nil {
+			p.cipher.Wipe()
+		}
+	}()
+	n := &node{secrets: o.Secret}
+	if err = n.openEncryption(ctx, o, opts, file, h, &p); err != nil {
+		return nil, err
+	}
+	p.file = file
+	if p.data, err = n.openDataFile(ctx, o, opts, file, h, ro); err != nil {
+		return nil, err
+	}
+	if n.image, err = newImage(ctx, h, p); err != nil {
+		return nil, err
+	}
+	if err = n.openBacking(ctx, o, opts, h); err != nil {
+		return nil, err
+	}
+	return n, nil
+}
+
+// openHeader opens the file child and parses the header; a corrupt image
+// opens read-only only.
+func openHeader(ctx context.Context, o *graph.Opener, opts *Options, ro bool) (*graph.Child, *qcow2fmt.Header, error) {
+	file, err := o.Child(ctx, "file", &opts.File, graph.ChildSpec{Role: graph.RoleData | graph.RoleMetadata | graph.RolePrimary})
+	if err != nil {
+		return nil, nil, err
+	}
 	if file == nil {
-		return nil, errors.New("A block device must be specified for \"file\"")
+		return nil, nil, errors.New("A block device must be specified for \"file\"")
 	}
 	// Tables past the end of the file read as zeroes (as in QEMU) for
 	// read-only opens and checks; writes through them would grow the
 	// file to wherever they point.
 	h, err := qcow2fmt.ParseWith(graph.NewSectionIO(ctx, file, 0, -1), file.Size(), qcow2fmt.ParseOptions{TablesPastEnd: ro || o.Graph().CheckOpen})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if h.IncompatibleFeatures&qcow2fmt.IncompatCorrupt != 0 && !ro {
-		return nil, errors.New("qcow2: Image is corrupt; cannot be opened read/write")
+		return nil, nil, errors.New("qcow2: Image is corrupt; cannot be opened read/write")
 	}
+	return file, h, nil
+}
+
+// openParams takes the cache sizes, lazy refcounts, overlap checks and
+// discard passing from the options.
+func openParams(o *graph.Opener, opts *Options, h *qcow2fmt.Header, ro bool) (imageParams, error) {
 	p := imageParams{ro: ro, name: o.NodeName(), emit: o.Graph().Emit, noRepair: o.Graph().CheckOpen}
-	g := h.Geometry()
-	if p.l2Tables, p.rcBlocks, err = cacheSizes(opts, g, int64(h.Size)); err != nil {
-		return nil, err
+	var err error
+	if p.l2Tables, p.rcBlocks, err = cacheSizes(opts, h.Geometry(), int64(h.Size)); err != nil {
+		return p, err
 	}
 	p.lazy = h.CompatibleFeatures&qcow2fmt.CompatLazyRefcounts != 0
 	if opts.LazyRefcounts != nil {
 		p.lazy = *opts.LazyRefcounts
 	}
 	if p.lazy && h.Version < 3 {
-		return nil, errors.New("Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level")
+		return p, errors.New("Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level")
 	}
 	p.overlap = opts.OverlapCheck.flags()
 	p.passRequest = o.Common().Discard == "unmap"
@@ -300,8 +343,12 @@ func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 	if opts.PassDiscardSnap != nil {
 		p.passSnap = *opts.PassDiscardSnap
 	}
-	n := &node{secrets: o.Secret}
-	// Encryption.
+	return p, nil
+}
+
+// openEncryption checks the encrypt options against the header's crypt
+// method and sets up LUKS encryption in p.
+func (n *node) openEncryption(ctx context.Context, o *graph.Opener, opts *Options, file *graph.Child, h *qcow2fmt.Header, p *imageParams) error {
 	var encFmt string
 	if opts.Encrypt != nil {
 		encFmt = string(opts.Encrypt.Format)
@@ -309,96 +356,85 @@ func open(ctx context.Context, o *graph.Opener, v any) (graph.Node, error) {
 	switch h.CryptMethod {
 	case qcow2fmt.CryptNone:
 		if encFmt != "" {
-			return nil, fmt.Errorf("No encryption in image header, but options specified format '%s'", encFmt)
+			return fmt.Errorf("No encryption in image header, but options specified format '%s'", encFmt)
 		}
 	case qcow2fmt.CryptAES:
 		if encFmt != "" && encFmt != "aes" {
-			return nil, fmt.Errorf("Header reported 'aes' encryption format but options specify '%s'", encFmt)
+			return fmt.Errorf("Header reported 'aes' encryption format but options specify '%s'", encFmt)
 		}
-		return nil, errors.New("qcow2: images with the legacy AES encryption (crypt_method 1) are not supported; convert them with qemu-img, e.g. to a LUKS-encrypted qcow2")
+		return errors.New("qcow2: images with the legacy AES encryption (crypt_method 1) are not supported; convert them with qemu-img, e.g. to a LUKS-encrypted qcow2")
 	case qcow2fmt.CryptLUKS:
 		if encFmt != "" && encFmt != "luks" {
-			return nil, fmt.Errorf("Header reported 'luks' encryption format but options specify '%s'", encFmt)
+			return fmt.Errorf("Header reported 'luks' encryption format but options specify '%s'", encFmt)
 		}
-		if (opts.Encrypt == nil || opts.Encrypt.KeySecret == nil) && ro && o.Graph().MetadataOnly {
-			// Metadata only: the header is read, nothing unlocked.
-			hdr, err := luksfmt.Open(cryptoRegion(ctx, file, h), int64(h.Crypto.Length))
-			if err != nil {
-				return nil, qcrypto.GraphError(err)
-			}
-			p.luks, n.noIO = hdr, errNoKey
-			break
-		}
-		if opts.Encrypt == nil || opts.Encrypt.KeySecret == nil {
-			return nil, errors.New("Parameter 'encrypt.key-secret' is required for cipher")
-		}
-		n.keySecret = *opts.Encrypt.KeySecret
-		pass, err := o.Secret(n.keySecret)
-		if err != nil {
-			return nil, err
-		}
-		n.kdfLimits = luksfmt.KDFLimits(o.Graph().KDFLimits)
-		c, info, err := openLUKS(ctx, file, h, pass, n.kdfLimits)
-		if err != nil {
-			return nil, err
-		}
-		p.cipher, p.luks = c, info
+		return n.unlockLUKS(ctx, o, opts, file, h, p)
 	}
-	cleanup := func() {
-		if p.cipher != nil {
-			p.cipher.Wipe()
+	return nil
+}
+
+// unlockLUKS unlocks the volume key with encrypt.key-secret into p or,
+// for a read-only metadata-only open without a key, reads the LUKS header
+// alone and makes the node refuse I/O.
+func (n *node) unlockLUKS(ctx context.Context, o *graph.Opener, opts *Options, file *graph.Child, h *qcow2fmt.Header, p *imageParams) error {
+	noKey := opts.Encrypt == nil || opts.Encrypt.KeySecret == nil
+	if noKey && p.ro && o.Graph().MetadataOnly {
+		hdr, err := luksfmt.Open(cryptoRegion(ctx, file, h), int64(h.Crypto.Length))
+		if err != nil {
+			return qcrypto.GraphError(err)
 		}
+		p.luks, n.noIO = hdr, errNoKey
+		return nil
 	}
-	// External data file.
-	data := file
+	if noKey {
+		return errors.New("Parameter 'encrypt.key-secret' is required for cipher")
+	}
+	n.keySecret = *opts.Encrypt.KeySecret
+	pass, err := o.Secret(n.keySecret)
+	if err != nil {
+		return err
+	}
+	n.kdfLimits = luksfmt.KDFLimits(o.Graph().KDFLimits)
+	c, info, err := openLUKS(ctx, file, h, pass, n.kdfLimits)
+	if err != nil {
+		return err
+	}
+	p.cipher, p.luks = c, info
+	return nil
+}
+
+// openDataFile returns the child that holds guest data: file itself, the
+// external data file (from data-file or the name in the header), or nil
+// when a metadata-only open leaves the data file closed.
+func (n *node) openDataFile(ctx context.Context, o *graph.Opener, opts *Options, file *graph.Child, h *qcow2fmt.Header, ro bool) (*graph.Child, error) {
 	if opts.DataFile != nil && !h.HasDataFile() {
-		cleanup()
 		return nil, errors.New("'data-file' can only be set for images with an external data file")
 	}
-	if h.HasDataFile() {
-		n.dataName = h.DataFile
-		ref := opts.DataFile
-		switch {
-		case ref == nil && ro && o.Graph().MetadataOnly:
-			// Metadata only: the data file named in the header is not
-			// opened (QEMU's BDRV_O_NO_IO), and the node refuses I/O.
-			data, n.noIO = nil, errNoDataFile
-		case ref == nil && h.HasDataFileName:
-			name, err := resolveDataFile(file, h.DataFile)
-			if err == nil {
-				ref, err = fileRef(o.Graph(), name, false)
-			}
-			if err != nil {
-				cleanup()
-				return nil, err
-			}
-		case ref == nil:
-			cleanup()
-			return nil, errors.New("'data-file' is required for this image")
+	if !h.HasDataFile() {
+		if h.DataFileRaw() {
+			return nil, errors.New("data-file-raw requires a data file")
 		}
-		if ref != nil {
-			if data, err = o.Child(ctx, "data-file", ref, graph.ChildSpec{Role: graph.RoleData}); err != nil {
-				cleanup()
-				return nil, err
-			}
+		return file, nil
+	}
+	n.dataName = h.DataFile
+	ref := opts.DataFile
+	switch {
+	case ref == nil && ro && o.Graph().MetadataOnly:
+		// Metadata only: the data file named in the header is not
+		// opened (QEMU's BDRV_O_NO_IO), and the node refuses I/O.
+		n.noIO = errNoDataFile
+		return nil, nil
+	case ref == nil && h.HasDataFileName:
+		name, err := resolveDataFile(file, h.DataFile)
+		if err == nil {
+			ref, err = fileRef(o.Graph(), name, false)
 		}
-	} else if h.DataFileRaw() {
-		cleanup()
-		return nil, errors.New("data-file-raw requires a data file")
+		if err != nil {
+			return nil, err
+		}
+	case ref == nil:
+		return nil, errors.New("'data-file' is required for this image")
 	}
-	p.file, p.data = file, data
-	img, err := newImage(ctx, h, p)
-	if err != nil {
-		cleanup()
-		return nil, err
-	}
-	n.image = img
-	// Backing file.
-	if err := n.openBacking(ctx, o, opts, h); err != nil {
-		img.closeQuiet()
-		return nil, err
-	}
-	return n, nil
+	return o.Child(ctx, "data-file", ref, graph.ChildSpec{Role: graph.RoleData})
 }
 
 func (n *node) closeQuiet() {
