@@ -66,6 +66,7 @@ func New(log *logrus.Entry, drivers ...*graph.Driver) *Daemon {
 	d.Graph.Events = d.QMP.Emit
 	d.registerBlock()
 	d.registerSnapshot()
+	d.registerWriteThreshold()
 	d.registerObjects()
 	d.registerNBD()
 	return d

@@ -83,3 +83,17 @@ func resizeError(err error) error {
 	}
 	return err
 }
+
+// writeThresholdArgs is block-set-write-threshold's arguments.
+type writeThresholdArgs struct {
+	NodeName       string `json:"node-name"`
+	WriteThreshold uint64 `json:"write-threshold"`
+}
+
+// registerWriteThreshold adds block-set-write-threshold (the event is
+// raised by the graph's write path).
+func (d *Daemon) registerWriteThreshold() {
+	qmp.Handle(d.QMP, "block-set-write-threshold", func(ctx context.Context, m *qmp.Monitor, a *writeThresholdArgs) (*qmp.Empty, error) {
+		return &qmp.Empty{}, d.Graph.SetWriteThreshold(a.NodeName, a.WriteThreshold)
+	})
+}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"blockd/internal/qapi"
@@ -300,6 +301,9 @@ type BDS struct {
 	monitorOwned bool
 	perm, shared Perm // cumulative permissions applied to the node
 	closed       bool
+
+	// writeThreshold is the block-set-write-threshold offset (0: none).
+	writeThreshold atomic.Uint64
 
 	// gate is held shared by every request through an edge to the node
 	// and exclusively while the edges pointing to it are moved

@@ -55,7 +55,7 @@ type BlockDeviceInfo struct {
 	IopsWr           int64             `json:"iops_wr"`
 	Image            *ImageInfoQAPI    `json:"image"`
 	Cache            BlockdevCacheInfo `json:"cache"`
-	WriteThreshold   int64             `json:"write_threshold"`
+	WriteThreshold   uint64            `json:"write_threshold"`
 }
 
 // StrongOptioner is implemented by nodes whose options change what the
@@ -248,14 +248,15 @@ func (b *BDS) DeviceInfo(flat bool) BlockDeviceInfo {
 		dz = "off"
 	}
 	di := BlockDeviceInfo{
-		File:         b.Filename(),
-		NodeName:     b.name,
-		RO:           b.readOnly,
-		Drv:          b.opts.Driver.Name,
-		Encrypted:    in.Encrypted,
-		DetectZeroes: dz,
-		Image:        b.ImageInfo(!flat),
-		Cache:        BlockdevCacheInfo{Writeback: true, Direct: b.opts.Direct(), NoFlush: b.opts.NoFlush()},
+		File:           b.Filename(),
+		NodeName:       b.name,
+		RO:             b.readOnly,
+		Drv:            b.opts.Driver.Name,
+		Encrypted:      in.Encrypted,
+		DetectZeroes:   dz,
+		Image:          b.ImageInfo(!flat),
+		Cache:          BlockdevCacheInfo{Writeback: true, Direct: b.opts.Direct(), NoFlush: b.opts.NoFlush()},
+		WriteThreshold: b.writeThreshold.Load(),
 	}
 	if bk := b.backing(); bk != nil {
 		// QEMU: the backing node's filename, whatever the header says.

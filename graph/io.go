@@ -29,6 +29,7 @@ func (c *Child) checkWrite(b *BDS, op string, off, n int64) error {
 	if Perm(c.ioPerm.Load())&(PermWrite|PermWriteUnchanged) == 0 {
 		return &OpError{Op: op, Node: b.name, Off: off, Len: n, Err: ErrReadOnly}
 	}
+	b.checkThreshold(off, n)
 	return nil
 }
 
