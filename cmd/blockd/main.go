@@ -16,6 +16,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"blockd/daemon"
 	"blockd/drivers/blkdebug"
 	"blockd/drivers/file"
 	"blockd/drivers/luks"
@@ -24,7 +25,6 @@ import (
 	"blockd/drivers/qcow2"
 	"blockd/drivers/raw"
 	"blockd/graph"
-	"blockd/daemon"
 	"blockd/internal/keyval"
 	"blockd/internal/qapi"
 	"blockd/qmp"

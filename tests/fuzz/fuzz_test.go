@@ -18,12 +18,12 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"blockd/daemon"
 	"blockd/drivers/blkdebug"
 	"blockd/drivers/luks"
 	"blockd/drivers/null"
 	"blockd/drivers/qcow2"
 	"blockd/drivers/raw"
-	"blockd/daemon"
 	"blockd/internal/keymem"
 	"blockd/qmp"
 	"blockd/secrets"

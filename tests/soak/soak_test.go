@@ -29,13 +29,13 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"blockd/daemon"
 	"blockd/drivers/blkdebug"
 	"blockd/drivers/file"
 	"blockd/drivers/luks"
 	"blockd/drivers/null"
 	"blockd/drivers/qcow2"
 	"blockd/drivers/raw"
-	"blockd/daemon"
 	"blockd/qmp"
 	"blockd/tests/harness"
 )
