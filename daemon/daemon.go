@@ -62,6 +62,7 @@ func New(log *logrus.Entry, drivers ...*graph.Driver) *Daemon {
 	d.Jobs = job.NewManager(d.QMP.Emit)
 	job.RegisterQMP(d.QMP, d.Jobs)
 	d.registerJobs()
+	d.registerBlockJobs()
 	d.QMP.SetQuit(d.Quit)
 	d.Graph.Events = d.QMP.Emit
 	d.registerBlock()

@@ -1,9 +1,20 @@
-// Package job is QEMU's job machinery (job.c) as blockdev-create and
-// x-blockdev-amend use it: a job is created, runs, and then waits in
-// "concluded" until the client dismisses it. Auto-finalize is on and
-// auto-dismiss is off. Every status change emits JOB_STATUS_CHANGE, and
-// the QMP verbs (job-dismiss, job-cancel, ...) are checked against job.c's
-// verb table, with its error texts.
+// Package job is QEMU 7.2's job machinery (job.c) and, on top of it, its
+// block-job layer (blockjob.c, blockjob.go here).
+//
+// A job is created (status "created"), started ("running") and runs its
+// body in a goroutine. The body may pause at pause points ("paused", or
+// "standby" once "ready"), announce that it is ready to complete, and
+// returns; the job then goes "waiting" → "pending" and, once finalized
+// (by itself with auto-finalize, or by job-finalize), "concluded", or
+// "aborting" → "concluded" if it failed or was cancelled. A concluded job
+// is removed ("null") by job-dismiss, or at once with auto-dismiss. Every
+// status change emits JOB_STATUS_CHANGE, and the QMP verbs are checked
+// against job.c's verb table, with its error texts.
+//
+// Locking: one mutex per Manager guards the job list and every job's
+// fields. Events are emitted with it held, so that a job's events come out
+// in order. Driver callbacks (Complete, Cancel, Prepare, Commit, Abort,
+// Clean) run without it, as QEMU drops job_mutex around them.
 package job
 
 import (
@@ -11,6 +22,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 )
 
 // Status is QEMU's JobStatus.
@@ -43,7 +55,6 @@ const (
 	VerbComplete Verb = "complete"
 	VerbFinalize Verb = "finalize"
 	VerbDismiss  Verb = "dismiss"
-	VerbChange   Verb = "change"
 )
 
 // transitions is job.c's JobSTT: the status changes that may happen.
@@ -60,7 +71,8 @@ var transitions = map[Status][]Status{
 	Concluded: {Null},
 }
 
-// verbs is job.c's JobVerbTable: the statuses in which a verb is accepted.
+// verbs is QEMU 7.2's JobVerbTable: the statuses in which a verb is
+// accepted.
 var verbs = map[Verb][]Status{
 	VerbCancel:   {Created, Running, Paused, Ready, Standby, Waiting, Pending},
 	VerbPause:    {Created, Running, Paused, Ready, Standby},
@@ -69,7 +81,6 @@ var verbs = map[Verb][]Status{
 	VerbComplete: {Ready, Standby},
 	VerbFinalize: {Pending},
 	VerbDismiss:  {Concluded},
-	VerbChange:   {Created, Running, Paused, Ready, Standby},
 }
 
 func contains(l []Status, s Status) bool {
@@ -109,33 +120,88 @@ type StatusChange struct {
 // EmitFunc sends an event (qmp.Server.Emit fits).
 type EmitFunc func(event string, data any)
 
+// Driver is what a kind of job supplies (QEMU's JobDriver). Only Run is
+// required.
+type Driver struct {
+	// Type is the JobType reported by query-jobs ("create", "mirror", ...).
+	Type string
+	// Run is the job's body. Its context is cancelled when the job is
+	// force-cancelled (IsCancelled). A job cancelled softly (a ready
+	// mirror's block-job-cancel) sees CancelRequested and returns nil to
+	// end successfully.
+	Run func(ctx context.Context, j *Job) error
+	// Complete is the "complete" verb for jobs that have one; it typically
+	// records the request and calls j.Enter. nil: "cannot be completed".
+	Complete func(j *Job) error
+	// Cancel is called on every cancel request and returns whether it is
+	// to be forced; nil: every cancel is forced.
+	Cancel func(j *Job, force bool) bool
+	// Prepare runs when the job is finalized after success; an error
+	// turns the outcome into a failure (then Abort runs).
+	Prepare func(j *Job) error
+	// Commit or Abort runs once on finalization, then Clean.
+	Commit, Abort, Clean func(j *Job)
+	// UserResume runs when the user resumes the job (job-resume,
+	// block-job-resume), with the manager's lock held.
+	UserResume func(j *Job)
+
+	// Notifications, emitted with the manager's lock held (the block
+	// layer's events): OnReady after "ready", OnPending after "pending"
+	// when the job waits for job-finalize, OnCompleted or OnCancelled on
+	// finalization, before "concluded".
+	OnReady, OnPending, OnCompleted, OnCancelled func(j *Job)
+}
+
+// Options are QEMU's job creation flags.
+type Options struct {
+	// ManualFinalize is !auto-finalize: the job waits in "pending" for
+	// job-finalize.
+	ManualFinalize bool
+	// ManualDismiss is !auto-dismiss: the job waits in "concluded" for
+	// job-dismiss.
+	ManualDismiss bool
+}
+
 // Manager owns the jobs. It is safe for concurrent use.
 type Manager struct {
 	emit EmitFunc
 
-	mu   sync.Mutex // protects jobs and every job's fields
-	jobs []*job     // newest first, as QEMU lists them
+	mu   sync.Mutex // protects jobs and every field of every job and block job
+	jobs []*Job     // newest first, as QEMU lists them
 	wg   sync.WaitGroup
 }
 
-type job struct {
-	id, typ    string
-	status     Status
-	current    int64
-	total      int64
-	err        error
-	cancelled  bool
-	userPaused bool
-	pauseCount int
-	cancel     context.CancelFunc
-	wake       chan struct{} // signalled on resume or cancel (pause points wait on it)
-	done       chan struct{} // closed when the job has concluded
+// Job is one job. Its methods are for the job's body and driver.
+type Job struct {
+	m   *Manager
+	id  string
+	drv *Driver
+
+	// All fields below are protected by m.mu.
+	status       Status
+	autoFinalize bool
+	autoDismiss  bool
+	busy         bool // the body is running (not sleeping, yielding or paused)
+	paused       bool // the body waits in a pause point
+	pauseCount   int
+	userPaused   bool
+	cancelled    bool // cancel requested (job_cancel_requested)
+	forceCancel  bool // cancel forced (job_is_cancelled)
+	deferred     bool // the body has returned
+	finishing    bool // finalization is under way (driver callbacks running)
+	sleeping     bool // a timed sleep is under way (QEMU's timer_pending)
+	current      int64
+	total        int64
+	err          error // the outcome; nil while running and on success
+	ctxCancel    context.CancelFunc
+	wake         chan struct{} // one pending job_enter; see kickLocked
+	done         chan struct{} // closed on "concluded"
+	block        *BlockJob     // the block-job layer, nil for other jobs
 }
 
-// NewManager returns a manager that reports status changes through emit
-// (which may be nil). emit is called with the manager's lock held, so that
-// events of one job come out in order; it must not call back into the
-// manager.
+// NewManager returns a manager that reports events through emit (which
+// may be nil). emit is called with the manager's lock held, so that events
+// of one job come out in order; it must not call back into the manager.
 func NewManager(emit EmitFunc) *Manager {
 	if emit == nil {
 		emit = func(string, any) {}
@@ -160,13 +226,27 @@ func ValidID(id string) bool {
 
 func isAlpha(c byte) bool { return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' }
 
-// Start creates a job and runs it in its own goroutine. The job goes
-// created → running before Start returns; when run returns it goes
-// waiting → pending → concluded, or aborting → concluded if run failed or
-// the job was cancelled. Its error is then reported by query-jobs only.
-// Progress is 0/1 while running and 1/1 afterwards. run's context is
-// cancelled by job-cancel; long jobs may call PausePoint.
+// Start runs a job the way blockdev-create and x-blockdev-amend do:
+// auto-finalize, manual dismiss, progress 0/1 while running and 1/1
+// afterwards. run's context is cancelled by job-cancel; long jobs may call
+// PausePoint.
 func (m *Manager) Start(id, typ string, run func(ctx context.Context) error) error {
+	drv := &Driver{Type: typ, Run: func(ctx context.Context, j *Job) error {
+		err := run(ctx)
+		j.ProgressUpdate(1)
+		return err
+	}}
+	return m.StartJob(id, drv, Options{ManualDismiss: true}, func(j *Job) error {
+		j.total = 1
+		return nil
+	})
+}
+
+// StartJob creates a job and starts it: created → running before it
+// returns. setup, if not nil, runs with the lock held between the two
+// (block_job_create's checks); if it fails the job goes created → null and
+// its error is returned.
+func (m *Manager) StartJob(id string, drv *Driver, o Options, setup func(*Job) error) error {
 	if !ValidID(id) {
 		return fmt.Errorf("Invalid job ID '%s'", id)
 	}
@@ -176,22 +256,42 @@ func (m *Manager) Start(id, typ string, run func(ctx context.Context) error) err
 		return fmt.Errorf("Job ID '%s' already in use", id)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	j := &job{id: id, typ: typ, status: Undefined, cancel: cancel, wake: make(chan struct{}, 1), done: make(chan struct{})}
-	ctx = context.WithValue(ctx, jobKey{}, &pauseHandle{m: m, j: j})
+	j := &Job{m: m, id: id, drv: drv, status: Undefined,
+		autoFinalize: !o.ManualFinalize, autoDismiss: !o.ManualDismiss,
+		paused: true, pauseCount: 1, ctxCancel: cancel,
+		wake: make(chan struct{}, 1), done: make(chan struct{})}
+	ctx = context.WithValue(ctx, jobKey{}, j)
 	m.transition(j, Created)
-	m.jobs = append([]*job{j}, m.jobs...)
+	m.jobs = append([]*Job{j}, m.jobs...)
+	if setup != nil {
+		if err := setup(j); err != nil {
+			// job_early_fail
+			m.transition(j, Null)
+			m.remove(j)
+			cancel()
+			return err
+		}
+	}
+	// job_start
+	j.pauseCount--
+	j.busy = true
+	j.paused = false
 	m.transition(j, Running)
-	j.total = 1
 	m.wg.Add(1)
 	go func() {
 		defer m.wg.Done()
-		err := run(ctx)
-		m.complete(j, err)
+		j.PausePoint()
+		err := drv.Run(ctx, j)
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		j.deferred = true
+		j.busy = false // job_exit
+		m.completed(j, err)
 	}()
 	return nil
 }
 
-func (m *Manager) find(id string) *job {
+func (m *Manager) find(id string) *Job {
 	for _, j := range m.jobs {
 		if j.id == id {
 			return j
@@ -200,8 +300,17 @@ func (m *Manager) find(id string) *job {
 	return nil
 }
 
+func (m *Manager) remove(j *Job) {
+	for i, x := range m.jobs {
+		if x == j {
+			m.jobs = append(m.jobs[:i], m.jobs[i+1:]...)
+			return
+		}
+	}
+}
+
 // transition changes j's status and emits the event. Called with m.mu held.
-func (m *Manager) transition(j *job, s Status) {
+func (m *Manager) transition(j *Job, s Status) {
 	if !contains(transitions[j.status], s) {
 		panic(fmt.Sprintf("job %s: transition %s -> %s", j.id, j.status, s))
 	}
@@ -212,27 +321,95 @@ func (m *Manager) transition(j *job, s Status) {
 	}
 }
 
-// complete is job_exit with auto-finalize: the run function has returned.
-func (m *Manager) complete(j *job, err error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	j.current = j.total
-	if j.cancelled && (err == nil || errors.Is(err, context.Canceled)) {
-		err = errors.New(canceledText)
+func notify(f func(*Job), j *Job) {
+	if f != nil {
+		f(j)
 	}
-	if err != nil {
-		j.err = err
-		m.transition(j, Aborting)
-	} else {
-		m.transition(j, Waiting)
-		m.transition(j, Pending)
-	}
-	m.transition(j, Concluded)
-	j.cancel()
-	close(j.done)
 }
 
-func (m *Manager) get(id string) (*job, error) {
+// updateRC is job_update_rc_locked: a forced cancel with no error of its
+// own becomes "Operation canceled", and any error moves to "aborting".
+func (m *Manager) updateRC(j *Job) {
+	if j.err == nil && j.forceCancel {
+		j.err = errors.New(canceledText)
+	}
+	if j.err != nil {
+		m.transition(j, Aborting)
+	}
+}
+
+// completed is job_completed_locked: the body has returned err.
+func (m *Manager) completed(j *Job, err error) {
+	if err != nil && (!j.forceCancel || !errors.Is(err, context.Canceled)) {
+		j.err = err
+	}
+	m.updateRC(j)
+	if j.err != nil {
+		m.finalizeSingle(j)
+		return
+	}
+	m.transition(j, Waiting)
+	m.transition(j, Pending)
+	if !j.autoFinalize {
+		notify(j.drv.OnPending, j)
+		return
+	}
+	m.doFinalize(j)
+}
+
+// doFinalize is job_do_finalize_locked for a job alone in its
+// transaction: prepare, then commit or abort.
+func (m *Manager) doFinalize(j *Job) {
+	j.finishing = true
+	if j.err == nil && j.drv.Prepare != nil {
+		m.mu.Unlock()
+		err := j.drv.Prepare(j)
+		m.mu.Lock()
+		j.err = err
+		m.updateRC(j)
+	}
+	m.finalizeSingle(j)
+}
+
+// finalizeSingle is job_finalize_single_locked: the driver's commit or
+// abort and clean, the completion event, "concluded" and, with
+// auto-dismiss, "null".
+func (m *Manager) finalizeSingle(j *Job) {
+	j.finishing = true
+	m.updateRC(j)
+	failed := j.err != nil
+	m.mu.Unlock()
+	if !failed && j.drv.Commit != nil {
+		j.drv.Commit(j)
+	}
+	if failed && j.drv.Abort != nil {
+		j.drv.Abort(j)
+	}
+	if j.drv.Clean != nil {
+		j.drv.Clean(j)
+	}
+	m.mu.Lock()
+	if j.forceCancel {
+		notify(j.drv.OnCancelled, j)
+	} else {
+		notify(j.drv.OnCompleted, j)
+	}
+	m.transition(j, Concluded)
+	j.ctxCancel()
+	close(j.done)
+	if j.autoDismiss {
+		m.dismiss(j)
+	}
+}
+
+func (m *Manager) dismiss(j *Job) {
+	j.busy = false
+	j.paused = false
+	m.transition(j, Null)
+	m.remove(j)
+}
+
+func (m *Manager) get(id string) (*Job, error) {
 	j := m.find(id)
 	if j == nil {
 		return nil, ErrNotFound
@@ -240,7 +417,7 @@ func (m *Manager) get(id string) (*job, error) {
 	return j, nil
 }
 
-func checkVerb(j *job, v Verb) error {
+func checkVerb(j *Job, v Verb) error {
 	if contains(verbs[v], j.status) {
 		return nil
 	}
@@ -253,7 +430,7 @@ func (m *Manager) Query() []Info {
 	defer m.mu.Unlock()
 	out := make([]Info, 0, len(m.jobs))
 	for _, j := range m.jobs {
-		in := Info{ID: j.id, Type: j.typ, Status: j.status, CurrentProgress: j.current, TotalProgress: j.total}
+		in := Info{ID: j.id, Type: j.drv.Type, Status: j.status, CurrentProgress: j.current, TotalProgress: j.total}
 		if j.err != nil {
 			in.Error = j.err.Error()
 		}
@@ -262,70 +439,95 @@ func (m *Manager) Query() []Info {
 	return out
 }
 
-// Dismiss removes a concluded job (job-dismiss).
-func (m *Manager) Dismiss(id string) error {
+// withJob runs f on the job with the given ID, under the lock.
+func (m *Manager) withJob(id string, f func(*Job) error) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	j, err := m.get(id)
 	if err != nil {
 		return err
 	}
+	return f(j)
+}
+
+// Dismiss removes a concluded job (job-dismiss).
+func (m *Manager) Dismiss(id string) error { return m.withJob(id, m.userDismiss) }
+
+// Finalize is job-finalize.
+func (m *Manager) Finalize(id string) error { return m.withJob(id, m.userFinalize) }
+
+// Cancel is job-cancel: always forced.
+func (m *Manager) Cancel(id string) error {
+	return m.withJob(id, func(j *Job) error { return m.userCancel(j, true) })
+}
+
+// Pause is job-pause. The job pauses at its next pause point.
+func (m *Manager) Pause(id string) error { return m.withJob(id, m.userPause) }
+
+// Resume is job-resume.
+func (m *Manager) Resume(id string) error { return m.withJob(id, m.userResume) }
+
+// Complete is job-complete.
+func (m *Manager) Complete(id string) error { return m.withJob(id, m.userComplete) }
+
+func (m *Manager) userDismiss(j *Job) error {
 	if err := checkVerb(j, VerbDismiss); err != nil {
 		return err
 	}
-	m.transition(j, Null)
-	for i, x := range m.jobs {
-		if x == j {
-			m.jobs = append(m.jobs[:i], m.jobs[i+1:]...)
-			break
-		}
+	m.dismiss(j)
+	return nil
+}
+
+func (m *Manager) userFinalize(j *Job) error {
+	if err := checkVerb(j, VerbFinalize); err != nil {
+		return err
+	}
+	if !j.finishing {
+		m.doFinalize(j)
 	}
 	return nil
 }
 
-// Finalize is job-finalize. Jobs finalize themselves (auto-finalize), so
-// this only ever reports the verb error for the job's current status.
-func (m *Manager) Finalize(id string) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	j, err := m.get(id)
-	if err != nil {
-		return err
-	}
-	return checkVerb(j, VerbFinalize)
-}
-
-// Cancel is job-cancel (always forced, as QMP's job-cancel is): the run
-// function's context is cancelled and the job ends in concluded with the
-// error "Operation canceled" unless it failed otherwise.
-func (m *Manager) Cancel(id string) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	j, err := m.get(id)
-	if err != nil {
-		return err
-	}
+// userCancel is job_user_cancel_locked.
+func (m *Manager) userCancel(j *Job, force bool) error {
 	if err := checkVerb(j, VerbCancel); err != nil {
 		return err
 	}
-	if j.userPaused {
-		j.userPaused = false
-		j.pauseCount--
-	}
-	j.cancelled = true
-	j.cancel()
-	j.kick()
+	m.cancel(j, force)
 	return nil
 }
 
-// Pause is job-pause. The job pauses at its next PausePoint.
-func (m *Manager) Pause(id string) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	j, err := m.get(id)
-	if err != nil {
-		return err
+// cancel is job_cancel_locked for a started job.
+func (m *Manager) cancel(j *Job, force bool) {
+	if j.drv.Cancel != nil {
+		m.mu.Unlock()
+		force = j.drv.Cancel(j, force)
+		m.mu.Lock()
+	} else {
+		force = true
 	}
+	if j.userPaused {
+		notify(j.drv.UserResume, j)
+		j.userPaused = false
+		j.pauseCount--
+	}
+	if force || !j.deferred {
+		j.cancelled = true
+		j.forceCancel = j.forceCancel || force
+	}
+	if j.forceCancel {
+		j.ctxCancel()
+	}
+	if !j.deferred {
+		j.kickLocked()
+	} else if j.forceCancel && !j.finishing && j.status != Concluded {
+		// Waiting for job-finalize: the job aborts now.
+		m.finalizeSingle(j)
+	}
+}
+
+// userPause is job_user_pause_locked.
+func (m *Manager) userPause(j *Job) error {
 	if err := checkVerb(j, VerbPause); err != nil {
 		return err
 	}
@@ -333,43 +535,35 @@ func (m *Manager) Pause(id string) error {
 		return errors.New("Job is already paused")
 	}
 	j.userPaused = true
-	j.pauseCount++
+	j.pauseLocked()
 	return nil
 }
 
-// Resume is job-resume.
-func (m *Manager) Resume(id string) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	j, err := m.get(id)
-	if err != nil {
-		return err
-	}
+// userResume is job_user_resume_locked.
+func (m *Manager) userResume(j *Job) error {
 	if !j.userPaused || j.pauseCount <= 0 {
 		return errors.New("Can't resume a job that was not paused")
 	}
 	if err := checkVerb(j, VerbResume); err != nil {
 		return err
 	}
+	notify(j.drv.UserResume, j)
 	j.userPaused = false
-	j.pauseCount--
-	j.kick()
+	j.resumeLocked()
 	return nil
 }
 
-// Complete is job-complete. No job here has a completion step (they never
-// become ready), so it only reports the verb error.
-func (m *Manager) Complete(id string) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	j, err := m.get(id)
-	if err != nil {
-		return err
-	}
+// userComplete is job_complete_locked.
+func (m *Manager) userComplete(j *Job) error {
 	if err := checkVerb(j, VerbComplete); err != nil {
 		return err
 	}
-	return fmt.Errorf("The active block job '%s' cannot be completed", j.id)
+	if j.cancelled || j.drv.Complete == nil {
+		return fmt.Errorf("The active block job '%s' cannot be completed", j.id)
+	}
+	m.mu.Unlock()
+	defer m.mu.Lock()
+	return j.drv.Complete(j)
 }
 
 // Wait blocks until the job has concluded or ctx is done. It returns
@@ -389,54 +583,214 @@ func (m *Manager) Wait(ctx context.Context, id string) error {
 	}
 }
 
-// Close cancels every running job and waits for all of them to end.
+// Close force-cancels every job that has not concluded and waits for all
+// of them to end (job_cancel_sync_all).
 func (m *Manager) Close() {
 	m.mu.Lock()
-	for _, j := range m.jobs {
-		if j.status == Running || j.status == Paused {
-			j.cancelled = true
-			j.cancel()
-			j.kick()
+	for _, j := range append([]*Job(nil), m.jobs...) {
+		if contains(verbs[VerbCancel], j.status) {
+			m.cancel(j, true)
 		}
 	}
 	m.mu.Unlock()
 	m.wg.Wait()
 }
 
-func (j *job) kick() {
+// ID returns the job's ID.
+func (j *Job) ID() string { return j.id }
+
+// kickLocked is job_enter: wake the body if it sleeps or yields. busy is
+// set here, as job_enter_cond_locked does, so that a second kick before
+// the body runs again is not left over for its next sleep.
+func (j *Job) kickLocked() {
+	if j.busy || j.deferred {
+		return
+	}
+	j.busy = true
 	select {
 	case j.wake <- struct{}{}:
 	default:
 	}
 }
 
-type jobKey struct{}
-
-type pauseHandle struct {
-	m *Manager
-	j *job
+// Enter wakes the body if it sleeps or yields (job_enter).
+func (j *Job) Enter() {
+	j.m.mu.Lock()
+	j.kickLocked()
+	j.m.mu.Unlock()
 }
 
-// PausePoint is where a running job honours job-pause: while the job is
-// paused it reports "paused" and blocks until it is resumed or cancelled.
-// It returns ctx.Err() once the job has been cancelled. It is a no-op for
-// contexts that do not belong to a job.
-func PausePoint(ctx context.Context) error {
-	h, _ := ctx.Value(jobKey{}).(*pauseHandle)
-	if h == nil {
-		return ctx.Err()
+// pauseLocked is job_pause_locked: one more reason to pause.
+func (j *Job) pauseLocked() {
+	j.pauseCount++
+	if !j.paused {
+		j.kickLocked()
 	}
-	m, j := h.m, h.j
-	m.mu.Lock()
-	if j.pauseCount > 0 && !j.cancelled {
-		m.transition(j, Paused)
-		for j.pauseCount > 0 && !j.cancelled {
-			m.mu.Unlock()
-			<-j.wake
-			m.mu.Lock()
-		}
-		m.transition(j, Running)
+}
+
+// resumeLocked is job_resume_locked.
+func (j *Job) resumeLocked() {
+	j.pauseCount--
+	if j.pauseCount == 0 && !j.sleeping {
+		j.kickLocked()
 	}
+}
+
+// Pause and Resume are job_pause and job_resume: an internal reason to
+// pause (a drained section), counted with the user's.
+func (j *Job) Pause() {
+	j.m.mu.Lock()
+	j.pauseLocked()
+	j.m.mu.Unlock()
+}
+
+// Resume undoes one Pause.
+func (j *Job) Resume() {
+	j.m.mu.Lock()
+	j.resumeLocked()
+	j.m.mu.Unlock()
+}
+
+// yieldLocked is job_do_yield_locked: the body sleeps until kicked or, if
+// d >= 0, until d has passed. Called with m.mu held; releases it while
+// waiting.
+func (j *Job) yieldLocked(d time.Duration) {
+	m := j.m
+	j.busy = false
+	var timer <-chan time.Time
+	if d >= 0 {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		timer = t.C
+	}
+	j.sleeping = timer != nil
 	m.mu.Unlock()
+	select {
+	case <-j.wake:
+	case <-timer:
+	}
+	m.mu.Lock()
+	j.sleeping = false
+	select { // a kick that raced with the timer
+	case <-j.wake:
+	default:
+	}
+	j.busy = true
+}
+
+// pausePointLocked is job_pause_point_locked.
+func (j *Job) pausePointLocked() {
+	if j.pauseCount == 0 || j.forceCancel {
+		return
+	}
+	st := j.status
+	if st == Ready {
+		j.m.transition(j, Standby)
+	} else {
+		j.m.transition(j, Paused)
+	}
+	j.paused = true
+	for j.pauseCount > 0 && !j.forceCancel {
+		j.yieldLocked(-1)
+	}
+	j.paused = false
+	j.m.transition(j, st)
+}
+
+// PausePoint is where the body honours a pause: while the job is paused
+// it reports "paused" ("standby" when ready) and blocks until it is
+// resumed or force-cancelled.
+func (j *Job) PausePoint() {
+	j.m.mu.Lock()
+	j.pausePointLocked()
+	j.m.mu.Unlock()
+}
+
+// Sleep is job_sleep_ns: sleep for d (less if the job is entered), then
+// pause if asked to. It returns at once for a force-cancelled job.
+func (j *Job) Sleep(d time.Duration) {
+	j.m.mu.Lock()
+	defer j.m.mu.Unlock()
+	if j.forceCancel {
+		return
+	}
+	if j.pauseCount == 0 {
+		if d < 0 {
+			d = 0
+		}
+		j.yieldLocked(d)
+	}
+	j.pausePointLocked()
+}
+
+// Yield is job_yield: sleep until the job is entered (Enter, a cancel, a
+// resume), then pause if asked to.
+func (j *Job) Yield() {
+	j.m.mu.Lock()
+	defer j.m.mu.Unlock()
+	if j.forceCancel {
+		return
+	}
+	if j.pauseCount == 0 {
+		j.yieldLocked(-1)
+	}
+	j.pausePointLocked()
+}
+
+// IsCancelled reports a forced cancel (job_is_cancelled): the body should
+// stop as soon as it can.
+func (j *Job) IsCancelled() bool {
+	j.m.mu.Lock()
+	defer j.m.mu.Unlock()
+	return j.forceCancel
+}
+
+// CancelRequested reports any cancel (job_cancel_requested), forced or
+// not.
+func (j *Job) CancelRequested() bool {
+	j.m.mu.Lock()
+	defer j.m.mu.Unlock()
+	return j.cancelled
+}
+
+// ProgressUpdate records done more units of work (job_progress_update).
+func (j *Job) ProgressUpdate(done int64) {
+	j.m.mu.Lock()
+	j.current += done
+	j.m.mu.Unlock()
+}
+
+// ProgressSetRemaining sets the work left (job_progress_set_remaining).
+func (j *Job) ProgressSetRemaining(remaining int64) {
+	j.m.mu.Lock()
+	j.total = j.current + remaining
+	j.m.mu.Unlock()
+}
+
+// ProgressIncreaseRemaining adds delta to the work to do.
+func (j *Job) ProgressIncreaseRemaining(delta int64) {
+	j.m.mu.Lock()
+	j.total += delta
+	j.m.mu.Unlock()
+}
+
+// TransitionToReady is job_transition_to_ready: the job can now be
+// completed.
+func (j *Job) TransitionToReady() {
+	j.m.mu.Lock()
+	defer j.m.mu.Unlock()
+	j.m.transition(j, Ready)
+	notify(j.drv.OnReady, j)
+}
+
+type jobKey struct{}
+
+// PausePoint is Job.PausePoint for a body that has only its context (the
+// one Start and StartJob pass). It returns ctx.Err(), so that a cancelled
+// job stops; it is a no-op for contexts that do not belong to a job.
+func PausePoint(ctx context.Context) error {
+	if j, _ := ctx.Value(jobKey{}).(*Job); j != nil {
+		j.PausePoint()
+	}
 	return ctx.Err()
 }

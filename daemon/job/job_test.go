@@ -153,6 +153,7 @@ func TestPause(t *testing.T) {
 	m := NewManager(r.emit)
 	step := make(chan struct{})
 	m.Start("p", "create", func(ctx context.Context) error {
+		step <- struct{}{} // started: past the entry pause point
 		<-step
 		if err := PausePoint(ctx); err != nil {
 			return err
@@ -160,6 +161,7 @@ func TestPause(t *testing.T) {
 		<-step
 		return nil
 	})
+	<-step
 	if err := m.Pause("p"); err != nil {
 		t.Fatal(err)
 	}
@@ -191,9 +193,11 @@ func TestPauseThenCancel(t *testing.T) {
 	m := NewManager(nil)
 	step := make(chan struct{})
 	m.Start("p", "create", func(ctx context.Context) error {
+		step <- struct{}{}
 		<-step
 		return PausePoint(ctx)
 	})
+	<-step
 	m.Pause("p")
 	step <- struct{}{}
 	for m.Query()[0].Status != Paused {
