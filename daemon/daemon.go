@@ -65,6 +65,7 @@ func New(log *logrus.Entry, drivers ...*graph.Driver) *Daemon {
 	d.registerBlockJobs()
 	d.QMP.SetQuit(d.Quit)
 	d.Graph.Events = d.QMP.Emit
+	d.Graph.TLSCreds = tlsStore{d}
 	d.registerBlock()
 	d.registerSnapshot()
 	d.registerWriteThreshold()

@@ -56,3 +56,23 @@ func (d *Daemon) addTLSX509(id string, p tlsX509Props) (*tlsObject, error) {
 	}
 	return &tlsObject{endpoint: o.Endpoint, config: cfg}, nil
 }
+
+// tlsStore gives drivers the tls-creds objects (graph.TLSCredStore: the
+// nbd driver's tls-creds), with QEMU's nbd_get_tls_creds errors.
+type tlsStore struct{ d *Daemon }
+
+func (s tlsStore) ClientTLS(id string) (*tls.Config, error) {
+	s.d.mu.Lock()
+	o, ok := s.d.tls[id]
+	_, other := s.d.objects[id]
+	s.d.mu.Unlock()
+	switch {
+	case !ok && other:
+		return nil, fmt.Errorf("Object with id '%s' is not TLS credentials", id)
+	case !ok:
+		return nil, fmt.Errorf("No TLS credentials with id '%s'", id)
+	case o.endpoint != "client":
+		return nil, errors.New("Expecting TLS credentials with a client endpoint")
+	}
+	return o.config, nil
+}

@@ -21,6 +21,7 @@ import (
 	"blockd/drivers/file"
 	"blockd/drivers/luks"
 	"blockd/drivers/luks/luksfmt"
+	"blockd/drivers/nbd"
 	"blockd/drivers/null"
 	"blockd/drivers/qcow2"
 	"blockd/drivers/raw"
@@ -133,7 +134,7 @@ func parseArgs(args []string) ([]opt, error) {
 
 // Drivers returns the block drivers blockd registers.
 func Drivers() []*graph.Driver {
-	return []*graph.Driver{file.Driver(), raw.Driver(), null.Driver(), luks.Driver(), qcow2.Driver(), blkdebug.Driver()}
+	return []*graph.Driver{file.Driver(), raw.Driver(), null.Driver(), luks.Driver(), qcow2.Driver(), blkdebug.Driver(), nbd.Driver()}
 }
 
 func run(args []string) int {

@@ -43,8 +43,9 @@ type conn struct {
 	dead *connError // why the connection ended; set once by the reader
 
 	// scratch is the reader's buffer for chunk payloads (block status,
-	// error messages); only the reader uses it.
+	// error messages), rhdr for reply headers; only the reader uses them.
 	scratch []byte
+	rhdr    [structReplySize]byte
 	// onDead is called by the reader once the connection has ended and
 	// every request on it has been completed.
 	onDead func(c *conn, err error)
@@ -221,11 +222,11 @@ func (c *conn) readFull(b []byte) error {
 // connection: I/O errors as they come, malformed replies as a
 // *protocolError.
 func (c *conn) readReply() error {
-	var h [structReplySize]byte
+	h := c.rhdr[:]
 	if _, err := io.ReadFull(c.br, h[:4]); err != nil {
 		return err
 	}
-	switch binary.BigEndian.Uint32(h[:]) {
+	switch binary.BigEndian.Uint32(h) {
 	case magicSimpleReply:
 		if err := c.readFull(h[4:simpleReplySize]); err != nil {
 			return err
@@ -241,7 +242,7 @@ func (c *conn) readReply() error {
 		return c.chunk(binary.BigEndian.Uint16(h[4:]), binary.BigEndian.Uint16(h[6:]),
 			binary.BigEndian.Uint64(h[8:]), binary.BigEndian.Uint32(h[16:]))
 	default:
-		return protoErrorf("invalid reply magic 0x%x", binary.BigEndian.Uint32(h[:]))
+		return protoErrorf("invalid reply magic 0x%x", binary.BigEndian.Uint32(h))
 	}
 }
 
@@ -295,11 +296,11 @@ func (c *conn) chunk(flags, typ uint16, cookie uint64, n uint32) error {
 		if n <= 8 {
 			return protoErrorf("invalid payload for NBD_REPLY_TYPE_OFFSET_DATA")
 		}
-		var ob [8]byte
-		if err := c.readFull(ob[:]); err != nil {
+		ob := c.rhdr[:8] // the header has been decoded
+		if err := c.readFull(ob); err != nil {
 			return err
 		}
-		off, size := binary.BigEndian.Uint64(ob[:]), uint64(n-8)
+		off, size := binary.BigEndian.Uint64(ob), uint64(n-8)
 		if off < s.off || size > uint64(s.n) || off-s.off > uint64(s.n)-size {
 			return protoErrorf("server sent chunk exceeding requested region")
 		}

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"strings"
+	"syscall"
 )
 
 // exportInfo is what the handshake learned about the export.
@@ -70,17 +71,15 @@ func (d *dialer) dial(ctx context.Context) (net.Conn, *bufio.Reader, exportInfo,
 	return h.nc, h.br, info, nil
 }
 
-// sysErr strips net's "dial unix x:" prefixes down to the system error.
-func sysErr(err error) error {
-	var oe *net.OpError
-	if errors.As(err, &oe) && oe.Err != nil {
-		var se interface{ Unwrap() error }
-		if errors.As(oe.Err, &se) {
-			return se.Unwrap()
-		}
-		return oe.Err
+// sysErr is the system error under net's "dial unix x:" prefixes, in
+// strerror's words ("Connection refused").
+func sysErr(err error) string {
+	var en syscall.Errno
+	if errors.As(err, &en) {
+		s := en.Error()
+		return strings.ToUpper(s[:1]) + s[1:]
 	}
-	return err
+	return err.Error()
 }
 
 type handshake struct {
@@ -203,31 +202,33 @@ func (h *handshake) readReply(opt uint32) (optReply, error) {
 	return r, nil
 }
 
-// replyError turns an error reply into QEMU's message (nbd_handle_reply_err).
-func replyError(opt uint32, r optReply, export string) error {
+// optNames are the option names QEMU's messages use (nbd_opt_lookup).
+var optNames = map[uint32]string{optExportName: "export name", optStartTLS: "starttls", optGo: "go", optStructuredReply: "structured reply", optSetMetaContext: "set meta context"}
+
+// replyError turns an error reply into QEMU's message (nbd_handle_reply_err;
+// the server's own message is a hint there, not part of the error).
+func replyError(opt uint32, r optReply) error {
+	o := fmt.Sprintf("option %d (%s)", opt, optNames[opt])
 	var msg string
 	switch r.typ {
 	case repErrPolicy:
-		msg = fmt.Sprintf("Requested option %d is forbidden by the server policy", opt)
+		msg = "Requested " + o + " is forbidden"
 	case repErrInvalid:
-		msg = fmt.Sprintf("Requested option %d is invalid", opt)
+		msg = "Requested " + o + " is invalid"
 	case repErrPlatform:
-		msg = fmt.Sprintf("Server lacks support for option %d", opt)
+		msg = "Server lacks support for " + o
 	case repErrTLSReqd:
-		msg = fmt.Sprintf("TLS negotiation required before option %d; did you forget a valid tls-creds?", opt)
+		msg = "TLS negotiation required before " + o
 	case repErrUnknown:
-		msg = fmt.Sprintf("Requested export '%s' not present", export)
+		msg = "Requested export not available"
 	case repErrShutdown:
-		msg = fmt.Sprintf("Server shutting down before option %d", opt)
+		msg = "Server shutting down before " + o
 	case repErrBSReqd:
-		msg = fmt.Sprintf("Server requires INFO_BLOCK_SIZE for option %d", opt)
+		msg = "Server requires INFO_BLOCK_SIZE for " + o
 	case repErrTooBig:
-		msg = fmt.Sprintf("Request for option %d is too big", opt)
+		msg = "Request for " + o + " is too big"
 	default:
-		msg = fmt.Sprintf("Unknown error code when asking for option %d", opt)
-	}
-	if s := printable(r.data); s != "" {
-		msg += ": server reported: " + s
+		msg = "Unknown error code when asking for " + o
 	}
 	return &handshakeError{errors.New(msg)}
 }
@@ -265,7 +266,7 @@ func (h *handshake) simpleOpt(opt uint32, data []byte) (bool, error) {
 	case r.typ == repErrUnsup:
 		return false, nil
 	case r.typ&repErrBit != 0:
-		return false, replyError(opt, r, h.d.export)
+		return false, replyError(opt, r)
 	}
 	return false, hsErrorf("Unexpected reply type %d to option %d", r.typ, opt)
 }
@@ -334,7 +335,7 @@ func (h *handshake) setMetaContext(info *exportInfo) error {
 		case r.typ == repErrUnsup:
 			return nil
 		case r.typ&repErrBit != 0:
-			return replyError(optSetMetaContext, r, h.d.export)
+			return replyError(optSetMetaContext, r)
 		default:
 			return hsErrorf("Unexpected reply type %d to option %d", r.typ, optSetMetaContext)
 		}
@@ -388,7 +389,7 @@ func (h *handshake) goOpt(info *exportInfo) (bool, error) {
 		case r.typ == repErrUnsup:
 			return false, nil
 		case r.typ&repErrBit != 0:
-			return false, replyError(optGo, r, h.d.export)
+			return false, replyError(optGo, r)
 		default:
 			return false, hsErrorf("Unexpected reply type %d to option %d", r.typ, optGo)
 		}

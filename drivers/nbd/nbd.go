@@ -364,8 +364,7 @@ func (n *node) do(ctx context.Context, r *request, ext []graph.Extent) ([]graph.
 			return ext, err
 		}
 		out, err := c.do(r, ext[:0])
-		var ce *connError
-		if errors.As(err, &ce) {
+		if ce, ok := err.(*connError); ok {
 			n.lost(c, ce.cause)
 			if since.IsZero() {
 				since = time.Now()

@@ -353,12 +353,12 @@ func TestOpenErrors(t *testing.T) {
 		opts map[string]any
 		want string
 	}{
-		{unixServer(s.sock, "nosuch"), "Requested export 'nosuch' not present"},
+		{unixServer(s.sock, "nosuch"), "Requested export not available"},
 		{map[string]any{"server": map[string]any{"type": "unix", "path": s.sock}, "export": "disk", "x-dirty-bitmap": "b"}, "x-dirty-bitmap is not supported by blockd"},
 		{map[string]any{"server": map[string]any{"type": "unix", "path": s.sock}, "export": "disk", "tls-creds": "t"}, "No TLS credentials with id 't'"},
 		{map[string]any{"export": "disk"}, "Parameter 'server' is missing"},
 		{map[string]any{"server": map[string]any{"type": "unix"}}, "Parameter 'server.path' is missing"},
-		{map[string]any{"server": map[string]any{"type": "unix", "path": s.sock + "x"}}, "Failed to connect to '" + s.sock + "x': no such file or directory"},
+		{map[string]any{"server": map[string]any{"type": "unix", "path": s.sock + "x"}}, "Failed to connect to '" + s.sock + "x': No such file or directory"},
 		{map[string]any{"server": map[string]any{"type": "unix", "path": s.sock}, "export": strings.Repeat("x", 4097)}, "export name too long to send to server"},
 		{map[string]any{"server": map[string]any{"type": "unix", "path": s.sock}, "bogus": 1}, "Parameter 'bogus' is unexpected"},
 	} {

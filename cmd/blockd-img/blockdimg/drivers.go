@@ -3,6 +3,7 @@ package blockdimg
 import (
 	"blockd/drivers/file"
 	"blockd/drivers/luks"
+	"blockd/drivers/nbd"
 	"blockd/drivers/null"
 	"blockd/drivers/qcow2"
 	"blockd/drivers/raw"
@@ -12,7 +13,7 @@ import (
 // drivers returns the block drivers blockd-img registers, as cmd/blockd
 // does for the daemon.
 func drivers() []*graph.Driver {
-	return []*graph.Driver{file.Driver(), raw.Driver(), null.Driver(), luks.Driver(), qcow2.Driver()}
+	return []*graph.Driver{file.Driver(), raw.Driver(), null.Driver(), luks.Driver(), qcow2.Driver(), nbd.Driver()}
 }
 
 func driverNames() []string {

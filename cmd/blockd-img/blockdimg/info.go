@@ -37,7 +37,7 @@ func (im *image) imageInfo() *ImageInfo {
 		}
 	}
 	ii := gi
-	if ii.DirtyFlag == nil && hasDriverInfo[ii.Format] {
+	if ii.DirtyFlag == nil && hasDriverInfo[ii.Format] && !rawOverNBD(im.bds) {
 		// QEMU reports dirty-flag for every driver with bdrv_get_info.
 		f := false
 		ii.DirtyFlag = &f
@@ -50,6 +50,20 @@ func (im *image) imageInfo() *ImageInfo {
 }
 
 // hasDriverInfo lists the formats whose QEMU driver implements get_info.
+// rawOverNBD reports a raw node over an nbd node: raw_get_info asks its
+// file, and nbd has no bdrv_get_info, so QEMU shows no dirty-flag.
+func rawOverNBD(b *graph.BDS) bool {
+	if b.Driver().Name != "raw" {
+		return false
+	}
+	for _, c := range b.Children() {
+		if c.Name() == "file" && c.BDS().Driver().Name == "nbd" {
+			return true
+		}
+	}
+	return false
+}
+
 var hasDriverInfo = map[string]bool{"raw": true, "luks": true, "qcow2": true}
 
 // fullBackingName resolves a backing file name relative to the image, as
