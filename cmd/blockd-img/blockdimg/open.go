@@ -2,6 +2,7 @@ package blockdimg
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"strings"
 	"syscall"
 
+	"blockd/drivers/nbd"
 	"blockd/graph"
 	"blockd/internal/keyval"
 )
@@ -108,6 +110,17 @@ func (e *env) buildTree(name string, o openOpts) (map[string]any, bool, error) {
 				return nil, false, failf("Could not open '%s': Cannot use driver '%s' for a json: image of driver '%s'", name, o.fmt, d)
 			}
 			tree["driver"] = o.fmt
+		}
+	case nbd.IsURI(name):
+		// An NBD export, named as qemu-img names it. Its format is not
+		// probed: raw unless -f says otherwise.
+		t, err := nbd.ParseURI(name)
+		if err != nil {
+			return nil, false, failf("Could not open '%s': %v", name, err)
+		}
+		tree = t
+		if o.fmt != "nbd" {
+			tree = map[string]any{"driver": cmp.Or(o.fmt, "raw"), "file": t}
 		}
 	default:
 		fn := strings.TrimPrefix(name, "file:")
