@@ -33,7 +33,9 @@ func (g *Graph) ReleaseBackend(c *Child) {
 	if c.detached {
 		return
 	}
-	c.n().users--
+	if c.job == "" {
+		c.n().users--
+	}
 	g.detach(c)
 }
 
@@ -176,6 +178,7 @@ func (g *Graph) refresh(b *BDS) error {
 type Child struct {
 	name   string
 	user   string // backend user description
+	job    string // the job type of a block job's edge (NewJobBackend)
 	role   Role
 	parent *BDS
 	// target is the node the edge points to. It changes only under g.mu

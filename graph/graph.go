@@ -208,6 +208,9 @@ func (g *Graph) Del(name string) error {
 	if b.users > 0 {
 		return fmt.Errorf("Node %s is in use", name)
 	}
+	if err := b.busyLocked(); err != nil {
+		return err
+	}
 	for _, c := range b.parents {
 		// QEMU's backing op blocker.
 		if c.role&RoleCOW != 0 {

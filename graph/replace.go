@@ -43,6 +43,9 @@ func (g *Graph) Snapshot(ctx context.Context, nodeName, overlayName string) erro
 	if g.byName[nodeName] != old {
 		return fmt.Errorf("Block node of device '%s' unexpectedly changed", nodeName)
 	}
+	if err := old.busyLocked(); err != nil {
+		return err // QEMU's op blocker for external snapshots
+	}
 	if !old.readOnly {
 		if err := old.node.Flush(ctx); err != nil {
 			return fmt.Errorf("Write to node '%s' failed: %v", nodeName, err)
