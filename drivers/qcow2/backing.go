@@ -200,4 +200,8 @@ func (n *node) openBacking(ctx context.Context, o *graph.Opener, opts *Options, 
 
 // ExplicitBacking reports whether the options named the backing node and
 // the backing file name in the header (graph.ExplicitBackinger).
-func (n *node) ExplicitBacking() (string, bool) { return n.headerBacking, n.explicitBacking }
+func (n *node) ExplicitBacking() (string, bool) {
+	n.metaMu.Lock() // ChangeBackingFile sets headerBacking under metaMu
+	defer n.metaMu.Unlock()
+	return n.headerBacking, n.explicitBacking
+}

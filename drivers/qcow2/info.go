@@ -44,6 +44,7 @@ func (n *node) Info() graph.ImageInfo {
 	n.metaMu.Lock()
 	h := n.h.Clone()
 	snaps := n.snapshotInfosLocked()
+	backName := n.backName // ChangeBackingFile sets it under metaMu
 	n.metaMu.Unlock()
 	dirty := h.IncompatibleFeatures&qcow2fmt.IncompatDirty != 0
 	fs := FormatSpecific{RefcountBits: h.RefcountBits(), CompressionType: "zlib"}
@@ -87,7 +88,7 @@ func (n *node) Info() graph.ImageInfo {
 		DirtyFlag:             &dirty,
 		Encrypted:             n.luks != nil,
 		BackingFilename:       h.BackingFile,
-		FullBackingFilename:   n.backName,
+		FullBackingFilename:   backName,
 		BackingFilenameFormat: h.BackingFormat,
 		Snapshots:             snaps,
 		FormatSpecific:        graph.ImageInfoSpecific{Type: "qcow2", Data: fs},
