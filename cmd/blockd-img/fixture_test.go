@@ -20,6 +20,11 @@ var (
 const (
 	objPW  = "secret,id=s0,file=pw"
 	objPW2 = "secret,id=s1,file=pw2"
+	// encChain opens the encrypted chain enctop.qcow2 → encbase.qcow2
+	// with the key of both named (a backing file named in a header gets
+	// no options).
+	encChain = "driver=qcow2,encrypt.key-secret=s0,file.filename=enctop.qcow2," +
+		"backing.driver=qcow2,backing.file.filename=encbase.qcow2,backing.encrypt.key-secret=s0"
 )
 
 // fixture returns a directory of test images shared by the read-only
@@ -47,6 +52,12 @@ const (
 //	         offset at 1 TiB, far past the end of the file
 //	l1end.qcow2  q.qcow2 with its L1 table at the end of the file (less
 //	         than a cluster past it)
+//	other.qcow2  16 MiB, data 5 at [0, 64k): a backing file to rebase onto
+//	top2.qcow2  over top.qcow2: data 7 at 2M, zeroes at [0, 64k)
+//	sub/t.qcow2  over ../base.qcow2 (a relative name): data 6 at 4M
+//	small.qcow2  1 MiB, 512-byte clusters
+//	encbase.qcow2, enctop.qcow2  an encrypted chain (passphrase pw): data
+//	         9 at [0, 128k) in the base, 8 at [64k, 192k) in the top
 //	pw, pw2  passphrases
 func fixture(t *testing.T) string {
 	t.Helper()
@@ -140,6 +151,19 @@ func buildFixture(ft *fixtureT, dir string) {
 	mustRun(t, dir, "qemu-img", "snapshot", "-c", "s2", "snap.qcow2")
 	mustRun(t, dir, "qemu-io", "-f", "qcow2", "-c", "write -P 4 1M 512k", "snap.qcow2")
 	_ = runIn(t, dir, "qemu-io", "-f", "qcow2", "-c", "write -P 4 0 1M", "-c", "write -P 5 4M 64k", "-c", "abort", "dirty.qcow2")
+	mustRun(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "other.qcow2", "16M")
+	mustRun(t, dir, "qemu-io", "-f", "qcow2", "-c", "write -P 5 0 64k", "other.qcow2")
+	mustRun(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "top.qcow2", "-F", "qcow2", "top2.qcow2")
+	mustRun(t, dir, "qemu-io", "-f", "qcow2", "-c", "write -P 7 2M 128k", "-c", "write -z 0 64k", "top2.qcow2")
+	must(os.MkdirAll(filepath.Join(dir, "sub"), 0o755))
+	mustRun(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "../base.qcow2", "-F", "qcow2", "sub/t.qcow2")
+	mustRun(t, dir, "qemu-io", "-f", "qcow2", "-c", "write -P 6 4M 64k", "sub/t.qcow2")
+	mustRun(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "small.qcow2", "1M")
+	encOpts := "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10"
+	mustRun(t, dir, "qemu-img", "create", "-q", "--object", objPW, "-f", "qcow2", "-o", encOpts, "encbase.qcow2", "4M")
+	mustRun(t, dir, "qemu-io", "--object", objPW, "--image-opts", "driver=qcow2,encrypt.key-secret=s0,file.filename=encbase.qcow2", "-c", "write -P 9 0 128k")
+	mustRun(t, dir, "qemu-img", "create", "-q", "--object", objPW, "-f", "qcow2", "-b", "encbase.qcow2", "-F", "qcow2", "-o", encOpts, "enctop.qcow2")
+	mustRun(t, dir, "qemu-io", "--object", objPW, "--image-opts", encChain, "-c", "write -P 8 64k 128k")
 	q, err := os.ReadFile(filepath.Join(dir, "q.qcow2"))
 	must(err)
 	for _, c := range []struct {

@@ -126,10 +126,10 @@ func copyDir(t *testing.T, src string) string {
 		t.Fatal(err)
 	}
 	for _, e := range ents {
-		if !e.Type().IsRegular() {
+		if !e.Type().IsRegular() && !e.IsDir() {
 			continue
 		}
-		mustRun(t, src, "cp", "--sparse=always", e.Name(), filepath.Join(dst, e.Name()))
+		mustRun(t, src, "cp", "-r", "--sparse=always", e.Name(), filepath.Join(dst, e.Name()))
 	}
 	return dst
 }

@@ -57,6 +57,10 @@ type image struct {
 	// closed, as qemu-img's BDRV_O_NO_BACKING; that does not make the
 	// image's name a json: one.
 	toolNoBacking bool
+	// tree is the options tree the image was opened from (kv: keyval
+	// strings), for commands that open it again differently.
+	tree map[string]any
+	kv   bool
 }
 
 // cacheFlags maps a qemu-img cache mode to cache.direct, cache.no-flush and
@@ -243,14 +247,25 @@ func probeFormat(path string) (string, error) {
 
 // open opens an image the way qemu-img's img_open does.
 func (e *env) open(name string, o openOpts) (*image, error) {
-	direct, noFlush, wt, ok := cacheFlags(o.cache)
-	if !ok {
+	if _, _, _, ok := cacheFlags(o.cache); !ok {
 		return nil, failf("Invalid cache option: %s", o.cache)
 	}
 	tree, kv, err := e.buildTree(name, o)
 	if err != nil {
 		return nil, err
 	}
+	return e.openTree(name, tree, kv, o)
+}
+
+// openTree opens the image named name from its options tree (keyval
+// strings when kv); the tree keeps what open added to it (the probed
+// driver, the node name, the defaults), so that it can be opened again.
+func (e *env) openTree(name string, tree map[string]any, kv bool, o openOpts) (*image, error) {
+	direct, noFlush, wt, ok := cacheFlags(o.cache)
+	if !ok {
+		return nil, failf("Invalid cache option: %s", o.cache)
+	}
+	var err error
 	for k, v := range o.extra {
 		setDefault(tree, k, v)
 	}
@@ -344,7 +359,7 @@ func (e *env) open(name string, o openOpts) (*image, error) {
 		_ = e.g.Del(nn)
 		return nil, failf("Could not open '%s': %v", name, err)
 	}
-	return &image{e: e, spec: name, node: nn, bds: b, blk: blk, format: drv, wthrough: wt, probedRaw: probedRaw, quiet: o.quiet, toolNoBacking: toolNoBacking}, nil
+	return &image{e: e, spec: name, node: nn, bds: b, blk: blk, format: drv, wthrough: wt, probedRaw: probedRaw, quiet: o.quiet, toolNoBacking: toolNoBacking, tree: tree, kv: kv}, nil
 }
 
 // warnProbedRaw is QEMU's warning for a raw image opened for writing
@@ -403,8 +418,12 @@ func asOpError(err error, target **graph.OpError) bool { return errors.As(err, t
 // fillQcow2EncryptFormat adds encrypt.format to a qcow2 definition that
 // has encrypt.key-secret only: QEMU takes the format from the image
 // header then (crypt_method, a big-endian word at byte 32: 1 aes, 2 luks),
-// while the qcow2 driver's options require it.
+// while the qcow2 driver's options require it. Backing files named in the
+// options (backing.driver=qcow2,...) are filled in the same way.
 func fillQcow2EncryptFormat(tree map[string]any) {
+	if bk, ok := tree["backing"].(map[string]any); ok && bk["driver"] == "qcow2" {
+		fillQcow2EncryptFormat(bk)
+	}
 	enc, ok := tree["encrypt"].(map[string]any)
 	if !ok {
 		return
