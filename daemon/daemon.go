@@ -68,6 +68,7 @@ func New(log *logrus.Entry, drivers ...*graph.Driver) *Daemon {
 	d.Graph.TLSCreds = tlsStore{d}
 	d.registerBlock()
 	d.registerSnapshot()
+	d.registerStream()
 	d.registerWriteThreshold()
 	d.registerObjects()
 	d.registerNBD()
