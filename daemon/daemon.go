@@ -69,6 +69,7 @@ func New(log *logrus.Entry, drivers ...*graph.Driver) *Daemon {
 	d.registerBlock()
 	d.registerSnapshot()
 	d.registerStream()
+	d.registerCommit()
 	d.registerWriteThreshold()
 	d.registerObjects()
 	d.registerNBD()

@@ -220,30 +220,6 @@ func (s *stream) release() {
 	}
 }
 
-// allocatedAbove is bdrv_is_allocated_above from the top's backing node
-// down to the node above base: whether the first bytes of [off, off+n)
-// are allocated in one of them, and for how many bytes that answer holds.
-func (s *stream) allocatedAbove(ctx context.Context, off, n int64) (bool, int64, error) {
-	for _, c := range s.inter {
-		size := c.Size()
-		if off >= size {
-			continue // reads as zeroes from here: not this layer's data
-		}
-		ext, err := c.BlockStatus(ctx, off, min(n, size-off))
-		if err != nil {
-			return false, 0, err
-		}
-		if len(ext) == 0 {
-			continue
-		}
-		if ext[0].Flags&graph.ExtentHole == 0 {
-			return true, ext[0].Length, nil
-		}
-		n = min(n, ext[0].Length)
-	}
-	return false, n, nil
-}
-
 // run is stream_run: in chunks of at most streamChunk, each range that
 // the top leaves unallocated and an intermediate node holds is copied up,
 // with the rate limit, pause and cancel points and the error policy
@@ -268,7 +244,7 @@ func (s *stream) run(ctx context.Context, b *job.BlockJob) error {
 		if err == nil && len(ext) > 0 {
 			n = ext[0].Length
 			if ext[0].Flags&graph.ExtentHole != 0 {
-				doCopy, n, err = s.allocatedAbove(ctx, off, n)
+				doCopy, _, n, err = allocatedAbove(ctx, s.inter, off, n)
 			}
 		}
 		if err == nil && doCopy {

@@ -191,6 +191,7 @@ type Child struct {
 	fixedPerm, fixedShared Perm // backends only
 	perm, shared           Perm // set with setPerm
 	detached               bool
+	passive                bool // takes nothing, shares everything (SetCommitTop)
 
 	// ioPerm is perm for the I/O path, which checks it without g.mu
 	// while permissions may change (a luks node taking write on its file
@@ -208,6 +209,9 @@ func (c *Child) setPerm(perm, shared Perm) {
 }
 
 func (c *Child) effective() (Perm, Perm) {
+	if c.passive {
+		return 0, PermAll // SetCommitTop
+	}
 	if c.parent != nil {
 		return childPerm(c.spec, !c.parent.readOnly, c.parent.perm, c.parent.shared)
 	}

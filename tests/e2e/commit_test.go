@@ -1,0 +1,225 @@
+package e2e
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"blockd/internal/testutil"
+	"blockd/tests/harness"
+)
+
+// addCommitChain adds the chain of streamChain as named, writable nodes
+// base ← mid ← top, as a commit of mid into base needs them.
+func addCommitChain(d *daemon, base, mid, top string) {
+	d.must("blockdev-add", map[string]any{"driver": "qcow2", "node-name": "base", "file": map[string]any{"driver": "file", "filename": base}})
+	d.must("blockdev-add", map[string]any{"driver": "qcow2", "node-name": "mid", "file": map[string]any{"driver": "file", "filename": mid}, "backing": "base"})
+	d.must("blockdev-add", map[string]any{"driver": "qcow2", "node-name": "top", "file": map[string]any{"driver": "file", "filename": top}, "backing": "mid"})
+}
+
+// backingOf returns the backing file and format qemu-img finds in img.
+func backingOf(t *testing.T, img string) (string, string) {
+	t.Helper()
+	var ii struct {
+		Backing string `json:"backing-filename"`
+		Format  string `json:"backing-filename-format"`
+	}
+	if err := json.Unmarshal([]byte(testutil.Run(t, "qemu-img", "info", "--output=json", "-U", img)), &ii); err != nil {
+		t.Fatal(err)
+	}
+	return ii.Backing, ii.Format
+}
+
+// TestCommitUnderLoad commits the intermediate image of a 3-image qcow2
+// chain into its base (block-commit with top-node and base-node) while
+// four NBD clients write and read back through the top's export: no
+// request fails, every read sees the last write, and afterwards qemu-img
+// finds both images clean, the top names the base as its backing file and
+// reads what the chain and the clients left, without the intermediate
+// image too.
+func TestCommitUnderLoad(t *testing.T) {
+	testutil.NeedTool(t, "qemu-img")
+	testutil.NeedTool(t, "qemu-io")
+	d := start(t)
+	const size = 16 << 20
+	base, mid, top, model := streamChain(t, d.dir, size)
+	addCommitChain(d, base, mid, top)
+	sock := filepath.Join(d.dir, "nbd.sock")
+	d.must("nbd-server-start", map[string]any{"addr": map[string]any{"type": "unix", "data": map[string]any{"path": sock}}})
+	d.must("block-export-add", map[string]any{"type": "nbd", "id": "e0", "node-name": "top", "name": "disk", "writable": true})
+	evs := d.subscribe()
+
+	var stop atomic.Bool
+	var wg sync.WaitGroup
+	var mu sync.Mutex // protects model
+	errs := make(chan error, 4)
+	var clients []*harness.NBD
+	for w := 0; w < 4; w++ {
+		cw, err := harness.DialNBD("unix", sock, "disk")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cw.Close()
+		clients = append(clients, cw)
+		wg.Add(1)
+		go func(w int, cw *harness.NBD) {
+			defer wg.Done()
+			// Client w writes 4 to 32 KiB pieces into every fourth
+			// 64 KiB cluster, across the image, and reads each back.
+			for i := 0; !stop.Load(); i++ {
+				n := int64(4096 << (i % 4))
+				off := (int64((i*7+w*13)%64)*4+int64(w))<<16 + (int64(i)*4096)%(1<<16-n+4096)&^4095
+				buf := bytes.Repeat([]byte{byte(0x40 + w*16 + i%16)}, int(n))
+				if err := cw.WriteAt(buf, uint64(off), i%9 == 0); err != nil {
+					errs <- fmt.Errorf("client %d write %d+%d: %v", w, off, n, err)
+					return
+				}
+				mu.Lock()
+				copy(model[off:], buf)
+				mu.Unlock()
+				got := make([]byte, n)
+				if err := cw.ReadAt(got, uint64(off)); err != nil {
+					errs <- fmt.Errorf("client %d read %d+%d: %v", w, off, n, err)
+					return
+				}
+				if !bytes.Equal(got, buf) {
+					errs <- fmt.Errorf("client %d read %d+%d back wrong", w, off, n)
+					return
+				}
+			}
+		}(w, cw)
+	}
+	time.Sleep(100 * time.Millisecond)
+	// 8 MiB/s: the copy of the 8 MiB mid holds takes about a second.
+	d.must("block-commit", map[string]any{"job-id": "c", "device": "top", "top-node": "mid", "base-node": "base", "speed": 8 << 20})
+	completed := waitCompleted(t, evs)
+	stop.Store(true)
+	wg.Wait()
+	for _, cw := range clients {
+		cw.Close()
+	}
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if e, ok := completed["error"]; ok || completed["offset"] != float64(size) || completed["len"] != float64(size) {
+		t.Fatalf("BLOCK_JOB_COMPLETED %v (error %v)", completed, e)
+	}
+	if t.Failed() {
+		return
+	}
+	c, err := harness.DialNBD("unix", sock, "disk")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, size)
+	for off := 0; off < size; off += 1 << 20 {
+		if err := c.ReadAt(got[off:off+1<<20], uint64(off)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.Close()
+	if !bytes.Equal(got, model) {
+		t.Fatal("the export does not read what the chain and its clients hold")
+	}
+	// mid was added by the user: it stays, but nothing uses it and it
+	// can go.
+	d.must("blockdev-del", map[string]any{"node-name": "mid"})
+	d.must("block-export-del", map[string]any{"id": "e0"})
+	d.stop()
+
+	testutil.Run(t, "qemu-img", "check", "-q", top)
+	testutil.Run(t, "qemu-img", "check", "-q", base)
+	if b, f := backingOf(t, top); b != base || f != "qcow2" {
+		t.Errorf("top's backing file after the commit: %q (%q), want %q (qcow2)", b, f, base)
+	}
+	want := filepath.Join(d.dir, "model.raw")
+	if err := os.WriteFile(want, model, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(mid); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Run(t, "qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", want, top)
+}
+
+// TestCommitBackingFile: backing-file is what the overlay's header names
+// after the commit (here a name relative to the overlay's directory).
+func TestCommitBackingFile(t *testing.T) {
+	testutil.NeedTool(t, "qemu-img")
+	testutil.NeedTool(t, "qemu-io")
+	d := start(t)
+	const size = 4 << 20
+	base, mid, top, model := streamChain(t, d.dir, size)
+	addCommitChain(d, base, mid, top)
+	evs := d.subscribe()
+	d.mustFail("block-commit", map[string]any{"job-id": "c", "device": "top", "top-node": "mid", "filter-node-name": "f"},
+		"'filter-node-name' is not supported")
+	d.must("block-commit", map[string]any{"job-id": "c", "device": "top", "top-node": "mid", "backing-file": "base.qcow2"})
+	if c := waitCompleted(t, evs); c["error"] != nil {
+		t.Fatalf("BLOCK_JOB_COMPLETED %v", c)
+	}
+	d.stop()
+	if b, f := backingOf(t, top); b != "base.qcow2" || f != "qcow2" {
+		t.Errorf("top's backing file after the commit: %q (%q), want base.qcow2 (qcow2)", b, f)
+	}
+	os.Remove(mid)
+	want := filepath.Join(d.dir, "model.raw")
+	if err := os.WriteFile(want, model, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Run(t, "qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", want, top)
+}
+
+// TestCommitSIGKILL kills blockd in the middle of a commit: both images
+// are clean for qemu-img check and, with the top's header still naming
+// the intermediate image, the chain reads what it read before (the base
+// only received what mid holds above it).
+func TestCommitSIGKILL(t *testing.T) {
+	testutil.NeedTool(t, "qemu-img")
+	testutil.NeedTool(t, "qemu-io")
+	d := start(t)
+	const size = 32 << 20
+	base, mid, top, model := streamChain(t, d.dir, size)
+	addCommitChain(d, base, mid, top)
+	d.must("block-commit", map[string]any{"job-id": "c", "device": "top", "top-node": "mid", "base-node": "base", "speed": 8 << 20})
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var jobs []struct {
+			Offset int64 `json:"offset"`
+		}
+		if err := json.Unmarshal(d.must("query-block-jobs", nil), &jobs); err != nil {
+			t.Fatal(err)
+		}
+		if len(jobs) != 1 {
+			t.Fatalf("query-block-jobs: %v", jobs)
+		}
+		if jobs[0].Offset >= size/2 { // half of mid's data is in base
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the commit does not progress")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	d.cmd.Process.Signal(syscall.SIGKILL)
+	d.cmd.Wait()
+
+	testutil.Run(t, "qemu-img", "check", "-q", top)
+	testutil.Run(t, "qemu-img", "check", "-q", base)
+	if b, _ := backingOf(t, top); b != mid {
+		t.Errorf("the header no longer names the intermediate image: %s", b)
+	}
+	want := filepath.Join(d.dir, "model.raw")
+	if err := os.WriteFile(want, model, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Run(t, "qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", want, top)
+}
