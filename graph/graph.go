@@ -308,6 +308,10 @@ type BDS struct {
 	// writeThreshold is the block-set-write-threshold offset (0: none).
 	writeThreshold atomic.Uint64
 
+	// dirty is the bitmap a mirror job keeps of the node's writes
+	// (TrackDirty), nil when none.
+	dirty atomic.Pointer[DirtyBitmap]
+
 	// gate is held shared by every request through an edge to the node
 	// and exclusively while the edges pointing to it are moved
 	// (Graph.Snapshot), which so waits for the requests in flight.

@@ -93,6 +93,11 @@ func (c *Child) chunks(b *BDS, off, n int64, fn func(off, n int64) error) error 
 func (c *Child) ReadAt(ctx context.Context, p []byte, off int64) error {
 	b := c.enter()
 	defer b.gate.RUnlock()
+	return c.readEntered(ctx, b, p, off)
+}
+
+// readEntered is ReadAt once b is held (its gate, shared or exclusive).
+func (c *Child) readEntered(ctx context.Context, b *BDS, p []byte, off int64) error {
 	n := int64(len(p))
 	if err := c.check(b, "read", off, n); err != nil {
 		return err
@@ -140,6 +145,7 @@ func (c *Child) WriteAt(ctx context.Context, p []byte, off int64, f ReqFlags) er
 	if err := c.checkWrite(b, "write", off, n); err != nil {
 		return err
 	}
+	defer b.markDirty(off, n)
 	if dz := b.opts.DetectZeroes; dz != "" && dz != "off" && n > 0 && allZero(p) {
 		zf := f &^ MayUnmap
 		if dz == "unmap" {
@@ -203,6 +209,7 @@ func (c *Child) WriteZeroes(ctx context.Context, off, n int64, f ReqFlags) error
 	if err := c.checkWrite(b, "zero", off, n); err != nil {
 		return err
 	}
+	defer b.markDirty(off, n)
 	return c.writeZeroes(ctx, b, off, n, f)
 }
 
@@ -292,6 +299,7 @@ func (c *Child) Discard(ctx context.Context, off, n int64) error {
 	if err := c.checkWrite(b, "discard", off, n); err != nil {
 		return err
 	}
+	defer b.markDirty(off, n)
 	if b.opts.Discard != "unmap" {
 		return nil
 	}

@@ -97,7 +97,11 @@ func (g *Graph) Snapshot(ctx context.Context, nodeName, overlayName string) erro
 // with the permissions that follow. On error nothing has changed. g.mu is
 // held and from's requests are drained.
 func (g *Graph) moveEdges(from, to *BDS) error {
-	moved := from.edges()
+	return g.moveEdgeList(from, to, from.edges())
+}
+
+// moveEdgeList is moveEdges for the edges in moved only.
+func (g *Graph) moveEdgeList(from, to *BDS, moved []*Child) error {
 	for _, c := range moved {
 		g.removeEdge(c)
 		c.target.Store(to)
