@@ -287,13 +287,19 @@ func (g *Graph) Close() {
 // BDS is a node in the graph: the driver's Node plus what the graph keeps
 // about it (name, options, edges, permissions).
 type BDS struct {
-	g        *Graph
-	name     string
-	auto     bool
-	opts     *Opts
-	node     Node
-	limits   Limits
+	g      *Graph
+	name   string
+	auto   bool
+	opts   *Opts
+	node   Node
+	limits Limits
+	// readOnly changes only under g.mu with the node's requests drained
+	// (Graph.Reopen); ReadOnly reads it under g.mu.
 	readOnly bool
+	// inheritsFrom is the parent that opened the node inline: the node
+	// follows its read-only changes unless its own options set read-only
+	// (QEMU's inherits_from).
+	inheritsFrom *BDS
 
 	// The following are protected by g.mu.
 	children     []*Child
@@ -338,8 +344,12 @@ func (b *BDS) Driver() *Driver { return b.opts.Driver }
 // Options returns the decoded options the node was opened with.
 func (b *BDS) Options() *Opts { return b.opts }
 
-// ReadOnly reports whether the node was opened read-only.
-func (b *BDS) ReadOnly() bool { return b.readOnly }
+// ReadOnly reports whether the node is read-only.
+func (b *BDS) ReadOnly() bool {
+	b.g.mu.Lock()
+	defer b.g.mu.Unlock()
+	return b.readOnly
+}
 
 // Limits returns the node's limits.
 func (b *BDS) Limits() Limits { return b.limits }

@@ -139,6 +139,7 @@ func (o *Opener) Child(ctx context.Context, name string, ref *Ref, spec ChildSpe
 		if err != nil {
 			return nil, err
 		}
+		nb.inheritsFrom = o.b
 		cb = nb
 	} else {
 		cb = g.byName[ref.Name]

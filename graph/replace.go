@@ -15,13 +15,6 @@ type BackingSetter interface {
 	SetBacking(c *Child)
 }
 
-// ReadOnlyReopener is implemented by nodes that have work to do before
-// they become read-only (QEMU's reopen with read-only=on: qcow2 writes its
-// caches back and clears its dirty bit).
-type ReadOnlyReopener interface {
-	ReopenReadOnly(ctx context.Context) error
-}
-
 // Snapshot puts overlay on top of node, as QEMU's blockdev-snapshot does
 // (external_snapshot_action, bdrv_append): the requests in flight on node
 // finish (a drain), node is flushed, overlay takes it as its backing child,
@@ -89,7 +82,7 @@ func (g *Graph) Snapshot(ctx context.Context, nodeName, overlayName string) erro
 	bs.SetBacking(back)
 	// QEMU reopens the old node read-only once it is a backing file
 	// (external_snapshot_commit) and ignores a failure to.
-	g.setReadOnly(ctx, old)
+	_ = g.reopenLocked(ctx, old, true)
 	return nil
 }
 
@@ -158,30 +151,4 @@ func (b *BDS) below(x *BDS) bool {
 		}
 	}
 	return false
-}
-
-// setReadOnly marks b read-only, with the children it opened inline that
-// no one else uses (QEMU's reopen with read-only=on, which such children
-// inherit), and drops the write permissions that follow. Nodes already
-// read-only stay as they are. g.mu is held and b's requests are drained.
-func (g *Graph) setReadOnly(ctx context.Context, b *BDS) {
-	if b.readOnly {
-		return
-	}
-	if r, ok := b.node.(ReadOnlyReopener); ok {
-		_ = r.ReopenReadOnly(ctx)
-	}
-	b.readOnly = true
-	for _, c := range b.children {
-		c.setPerm(c.effective())
-	}
-	_ = g.refresh(b)
-	for _, c := range b.children {
-		cb := c.n()
-		if cb.auto && len(cb.parents) == 1 && len(cb.backends) == 0 {
-			g.setReadOnly(ctx, cb)
-		} else {
-			_ = g.refresh(cb)
-		}
-	}
 }

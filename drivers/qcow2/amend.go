@@ -32,7 +32,7 @@ func (n *node) AmendImage(ctx context.Context, a *ImageAmend, force bool) error 
 	if err := n.check(); err != nil {
 		return err
 	}
-	if n.ro {
+	if n.ro.Load() {
 		return graph.ErrReadOnly
 	}
 	m := n.image
@@ -434,7 +434,7 @@ func (n *node) Amend(ctx context.Context, v any, force bool) error {
 	if err := n.check(); err != nil {
 		return err
 	}
-	if n.ro {
+	if n.ro.Load() {
 		return errors.New("Block node is read-only")
 	}
 	if n.luks == nil {

@@ -25,7 +25,7 @@ func (n *node) ChangeBackingFile(ctx context.Context, name, format string) error
 	if err := n.check(); err != nil {
 		return err
 	}
-	if n.ro {
+	if n.ro.Load() {
 		return graph.ErrReadOnly
 	}
 	switch {
@@ -84,7 +84,7 @@ func (n *node) MakeEmpty(ctx context.Context) error {
 	if err := n.check(); err != nil {
 		return err
 	}
-	if n.ro {
+	if n.ro.Load() {
 		return graph.ErrReadOnly
 	}
 	m := n.image

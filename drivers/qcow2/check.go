@@ -33,7 +33,7 @@ const (
 // problems it can repair are repaired; the caller checks again to see
 // what remains, as qemu-img does.
 func (n *node) Check(ctx context.Context, fix int) (*CheckReport, error) {
-	if fix != 0 && n.ro {
+	if fix != 0 && n.ro.Load() {
 		return nil, graph.ErrReadOnly
 	}
 	if n.broken.Load() && fix != 0 {
@@ -44,7 +44,7 @@ func (n *node) Check(ctx context.Context, fix int) (*CheckReport, error) {
 	defer m.unlockStripes(st)
 	m.metaMu.Lock()
 	defer m.metaMu.Unlock()
-	if !m.ro && !m.broken.Load() {
+	if !m.ro.Load() && !m.broken.Load() {
 		if err := m.writebackLocked(ctx, true); err != nil {
 			return nil, err
 		}

@@ -18,7 +18,7 @@ func (n *node) WriteCompressed(ctx context.Context, p []byte, off int64) error {
 	if err := n.check(); err != nil {
 		return err
 	}
-	if n.ro {
+	if n.ro.Load() {
 		return graph.ErrReadOnly
 	}
 	if n.g.DataFile {

@@ -22,7 +22,7 @@ import (
 //
 // With durable set, everything ends with a flush. metaMu is held.
 func (m *image) writebackLocked(ctx context.Context, durable bool) error {
-	if m.ro {
+	if m.ro.Load() {
 		return nil
 	}
 	frees := m.pendingFree
@@ -102,7 +102,7 @@ func (m *image) flushData(ctx context.Context) error {
 
 // flush makes every completed write stable.
 func (m *image) flush(ctx context.Context) error {
-	if m.ro {
+	if m.ro.Load() {
 		return nil
 	}
 	m.metaMu.Lock()
@@ -113,7 +113,7 @@ func (m *image) flush(ctx context.Context) error {
 // close writes everything back and, with lazy refcounts, clears the dirty
 // bit.
 func (m *image) close(ctx context.Context) error {
-	if m.ro || m.broken.Load() {
+	if m.ro.Load() || m.broken.Load() {
 		return nil
 	}
 	m.metaMu.Lock()
@@ -132,7 +132,7 @@ func (m *image) close(ctx context.Context) error {
 
 // truncate grows the image to size (block_resize), with preallocation.
 func (m *image) truncate(ctx context.Context, size int64, mode graph.Prealloc) error {
-	if m.ro {
+	if m.ro.Load() {
 		return graph.ErrReadOnly
 	}
 	if size%512 != 0 {

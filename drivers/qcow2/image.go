@@ -27,7 +27,7 @@ type image struct {
 	file    *graph.Child // header and metadata (and data without a data file)
 	data    *graph.Child // data clusters: file, or the external data file
 	backing *graph.Child // nil without a backing file
-	ro      bool
+	ro      atomic.Bool  // read-only; changes only with no request in flight (PrepareReopen)
 	g       qcow2fmt.Geometry
 	emit    func(name string, data any)
 	name    string // node name for events
@@ -296,7 +296,7 @@ func (m *image) corruptLocked(ctx context.Context, fatal bool, off, size int64, 
 }
 
 func (m *image) signal(ctx context.Context, locked, fatal bool, off, size int64, msg string) error {
-	fatal = fatal && !m.ro
+	fatal = fatal && !m.ro.Load()
 	if !m.signalled.Load() || (fatal && !m.broken.Load()) {
 		m.signalled.Store(true)
 		ev := corruptEvent{Device: "", NodeName: m.name, Msg: msg, Fatal: fatal}

@@ -52,7 +52,7 @@ func readTable(ctx context.Context, c *graph.Child, off, n int64) ([]uint64, err
 func newImage(ctx context.Context, h *qcow2fmt.Header, p imageParams) (*image, error) {
 	g := h.Geometry()
 	m := &image{
-		file: p.file, data: p.data, ro: p.ro, g: g, emit: p.emit, name: p.name,
+		file: p.file, data: p.data, g: g, emit: p.emit, name: p.name,
 		version: h.Version, compression: h.CompressionType, dataFileRaw: h.DataFileRaw(),
 		lazy: p.lazy, passRequest: p.passRequest, passOther: p.passOther, passSnap: p.passSnap, overlap: p.overlap,
 		cipher: p.cipher, luks: p.luks, h: h, hasBitmapExt: h.Bitmaps != nil,
@@ -116,33 +116,46 @@ func newImage(ctx context.Context, h *qcow2fmt.Header, p imageParams) (*image, e
 			}
 		}
 	}
-	if m.ro {
+	m.ro.Store(p.ro)
+	if p.ro {
 		return m, nil
 	}
-	// Writable: bring the header up to date.
+	if err := m.makeWritable(ctx, p.noRepair); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// makeWritable does what a writable open does and a read-only one skips:
+// the header is brought up to date (unknown autoclear bits, stale
+// bitmaps), enabled bitmaps are marked in use, and a dirty image is
+// repaired unless noRepair. newImage calls it at open, PrepareReopen when
+// a read-only node becomes writable.
+func (m *image) makeWritable(ctx context.Context, noRepair bool) error {
+	m.metaMu.Lock()
+	defer m.metaMu.Unlock()
+	h := m.h
 	update := h.BitmapsIgnored
 	if h.AutoclearFeatures&^qcow2fmt.AutoclearMask != 0 {
 		h.AutoclearFeatures &= qcow2fmt.AutoclearMask
 		update = true
 	}
-	m.metaMu.Lock()
-	defer m.metaMu.Unlock()
 	if update {
 		if err := m.writeHeader(ctx); err != nil {
-			return nil, fmt.Errorf("Could not update qcow2 header: %w", err)
+			return fmt.Errorf("Could not update qcow2 header: %w", err)
 		}
 	}
 	if h.Bitmaps != nil {
 		if err := m.markBitmapsInUse(ctx); err != nil {
-			return nil, err
+			return err
 		}
 	}
-	if h.IncompatibleFeatures&qcow2fmt.IncompatDirty != 0 && !p.noRepair {
+	if h.IncompatibleFeatures&qcow2fmt.IncompatDirty != 0 && !noRepair {
 		if err := m.repairLocked(ctx, false); err != nil {
-			return nil, fmt.Errorf("Could not repair dirty image: %w", err)
+			return fmt.Errorf("Could not repair dirty image: %w", err)
 		}
 	}
-	return m, nil
+	return nil
 }
 
 // markBitmapsInUse flags the enabled ("auto") persistent bitmaps as in use:

@@ -29,7 +29,7 @@ func (n *node) Populate(ctx context.Context, off, l int64) error {
 	if err := n.check(); err != nil {
 		return err
 	}
-	if n.ro {
+	if n.ro.Load() {
 		return graph.ErrReadOnly
 	}
 	m := n.image

@@ -492,7 +492,7 @@ func (n *node) WriteAt(ctx context.Context, p []byte, off int64, f graph.ReqFlag
 	if err := n.check(); err != nil {
 		return err
 	}
-	if n.ro {
+	if n.ro.Load() {
 		return graph.ErrReadOnly
 	}
 	st := n.lockStripes(off, int64(len(p)), true)

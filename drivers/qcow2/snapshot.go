@@ -51,7 +51,7 @@ func (n *node) snapshotable() error {
 	if err := n.check(); err != nil {
 		return err
 	}
-	if n.ro {
+	if n.ro.Load() {
 		return graph.ErrReadOnly
 	}
 	if n.g.DataFile {
@@ -519,7 +519,7 @@ func (n *node) LoadSnapshot(ctx context.Context, id, name string) error {
 	if err := n.check(); err != nil {
 		return err
 	}
-	if !n.ro {
+	if !n.ro.Load() {
 		return &causeError{"Device is not readonly", syscall.EINVAL}
 	}
 	m := n.image
