@@ -52,6 +52,7 @@ type commit struct {
 	baseW     *graph.Child   // the job's writer on base (QEMU's s->base)
 	topR      *graph.Child   // the job's reader of top (QEMU's s->top)
 	commitTop bool           // SetCommitTop is on for overlay
+	baseRO    bool           // base was read-only: reopened read-write for the job
 }
 
 func (d *Daemon) registerCommit() {
@@ -234,9 +235,12 @@ func (c *commit) attach(id string) (err error) {
 		return err
 	}
 	if c.base.ReadOnly() {
-		// QEMU reopens the base read-write for the job's duration;
-		// blockd's nodes cannot change their open mode at runtime.
-		return fmt.Errorf("block-commit: base node '%s' is read-only and blockd cannot reopen it read-write for the job", c.base.Name())
+		// As QEMU's commit_start: the base is writable for the job's
+		// duration and read-only again in release (commit_clean).
+		if err = g.Reopen(context.Background(), c.base, false); err != nil {
+			return err
+		}
+		c.baseRO = true
 	}
 	perm := graph.PermRead | graph.PermWrite
 	if c.base.Node().Size() < c.top.Node().Size() {
@@ -267,6 +271,11 @@ func (c *commit) release() {
 			c.g.ReleaseBackend(*e)
 			*e = nil
 		}
+	}
+	if c.baseRO {
+		// A failure leaves the base writable, as in QEMU.
+		_ = c.g.Reopen(context.Background(), c.base, true)
+		c.baseRO = false
 	}
 	for _, e := range c.inter {
 		c.g.ReleaseBackend(e)
