@@ -70,6 +70,7 @@ func New(log *logrus.Entry, drivers ...*graph.Driver) *Daemon {
 	d.registerSnapshot()
 	d.registerStream()
 	d.registerCommit()
+	d.registerMirror()
 	d.registerWriteThreshold()
 	d.registerObjects()
 	d.registerNBD()

@@ -1,0 +1,170 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+
+	"blockd/daemon/job"
+	"blockd/graph"
+)
+
+// run is mirror_run: the sizes must agree, the bitmap starts with what
+// sync asks for, then the job copies dirty ranges until none is left,
+// goes ready, and keeps copying new writes until it is completed (the
+// pivot happens in prepare) or cancelled.
+func (m *mirror) run(ctx context.Context, b *job.BlockJob) error {
+	size := m.main.Size()
+	if size != m.tgtW.Size() {
+		return errors.New("Source and target image have different sizes")
+	}
+	if m.sync != "none" {
+		if err := m.dirtyInit(ctx, b, size); err != nil {
+			return err
+		}
+	}
+	buf := make([]byte, m.chunk)
+	var pos int64
+	for {
+		if b.IsCancelled() {
+			return nil
+		}
+		cnt := m.dirty.Count()
+		b.ProgressSetRemaining(cnt)
+		if cnt > 0 {
+			var copied int64
+			var err error
+			pos, copied, err = m.iteration(ctx, b, pos, buf)
+			if err != nil {
+				return err
+			}
+			if err := b.RateLimit(copied); err != nil {
+				return nil // force-cancelled
+			}
+			continue
+		}
+		if !m.ready.Load() {
+			m.ready.Store(true)
+			b.TransitionToReady()
+		}
+		if m.shouldPivot.Load() || b.CancelRequested() {
+			return nil
+		}
+		b.Sleep(mirrorSlice)
+	}
+}
+
+// dirtyInit is mirror_dirty_init as blockdev-mirror runs it in QEMU 7.2:
+// sync=full marks everything (the copy writes zeroes where the source
+// reads zeroes, QEMU's zero_target pass), sync=top what the source image
+// itself allocates (all of it without a backing file, as full).
+func (m *mirror) dirtyInit(ctx context.Context, b *job.BlockJob, size int64) error {
+	if m.sync == "full" || m.src.Backing() == nil {
+		m.dirty.Mark(0, size)
+		return nil
+	}
+	for off := int64(0); off < size; {
+		if b.IsCancelled() {
+			return nil
+		}
+		b.PausePoint()
+		ext, err := m.main.BlockStatus(ctx, off, min(size-off, 1<<30))
+		if err != nil {
+			return err
+		}
+		if len(ext) == 0 {
+			return errors.New("block status returned no extent")
+		}
+		if e := ext[0]; e.Flags&graph.ExtentHole == 0 {
+			m.dirty.Mark(off, e.Length)
+		}
+		off += ext[0].Length
+	}
+	return nil
+}
+
+// iteration copies the next dirty run from pos (mirror_iteration): the
+// range is cleared before it is read, so a write during the copy marks it
+// again; a range the source reads as zeroes is zeroed on the target
+// (which may unmap it). It returns the position to go on from and how
+// many bytes it copied (zeroed ranges do not count for the rate limit).
+// An error is returned only when the policy says report.
+func (m *mirror) iteration(ctx context.Context, b *job.BlockJob, pos int64, buf []byte) (int64, int64, error) {
+	off, n := m.dirty.TakeNext(pos, int64(len(buf)))
+	if n == 0 {
+		return 0, 0, nil
+	}
+	ext, err := m.main.BlockStatusAbove(ctx, off, n)
+	zero := false
+	if err == nil && len(ext) > 0 && ext[0].Flags&graph.ExtentZero != 0 {
+		// Zero only whole granules of the zero extent; the rest of the
+		// run goes back to the bitmap for the next round.
+		if l := ext[0].Length / m.gran * m.gran; l > 0 && l < n {
+			m.dirty.Mark(off+l, n-l)
+			n, zero = l, true
+		} else if ext[0].Length >= n {
+			zero = true
+		}
+	}
+	read := true
+	if err == nil {
+		if zero {
+			read = false
+			err = m.tgtW.WriteZeroes(ctx, off, n, graph.MayUnmap)
+		} else if err = m.main.ReadAt(ctx, buf[:n], off); err == nil {
+			read = false
+			err = m.tgtW.WriteAt(ctx, buf[:n], off, 0)
+		}
+	}
+	if err != nil {
+		m.dirty.Mark(off, n)
+		policy := m.onTgt
+		if read {
+			policy = m.onSrc
+		}
+		if b.ErrorAction(policy, read, err) == job.ActionReport {
+			return 0, 0, err
+		}
+		return off + n, 0, nil
+	}
+	b.ProgressUpdate(n)
+	if zero {
+		return off + n, 0, nil
+	}
+	return off + n, n, nil
+}
+
+// prepare is mirror_exit_common on success: after block-job-complete the
+// source is drained, the last dirty ranges are copied, the target is
+// flushed and every parent and export of the source moves to it. After a
+// cancel of a ready job nothing moves.
+func (m *mirror) prepare(*job.BlockJob) error {
+	if !m.shouldPivot.Load() {
+		return nil
+	}
+	ctx := context.Background()
+	return m.g.Pivot(ctx, m.src, m.target, func(read func(context.Context, []byte, int64) error) error {
+		buf := make([]byte, m.chunk)
+		for {
+			off, n := m.dirty.TakeNext(0, m.chunk)
+			if n == 0 {
+				break
+			}
+			if err := read(ctx, buf[:n], off); err != nil {
+				m.dirty.Mark(off, n)
+				return err
+			}
+			if err := m.tgtW.WriteAt(ctx, buf[:n], off, 0); err != nil {
+				m.dirty.Mark(off, n)
+				return err
+			}
+		}
+		if err := m.tgtW.Flush(ctx); err != nil {
+			return err
+		}
+		m.g.UntrackDirty(m.src, m.dirty)
+		m.trackingDirty = false
+		m.g.ReleaseBackend(m.tgtW)
+		m.tgtW = nil
+		return nil
+	})
+}
