@@ -156,7 +156,10 @@ func (d *Daemon) blockCommit(a *commitArgs) error {
 			}
 			return errors.New("'backing-file' specified, but 'top' has a writer on it")
 		}
-		return errors.New("block-commit: committing the active layer (or a top with a writer) is not supported")
+		if top == bs {
+			return d.blockCommitActive(a, top, base)
+		}
+		return errors.New("block-commit: committing a top that has a writer but is not the active layer is not supported")
 	}
 	overlay := findOverlay(bs, top)
 	if err := overlay.Busy(); err != nil {

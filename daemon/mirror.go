@@ -74,10 +74,20 @@ type mirror struct {
 	shouldPivot   atomic.Bool // block-job-complete was accepted (s->should_complete)
 	trackingDirty bool
 
+	// The active commit (commit_active_start) runs this job with type
+	// "commit" and the base of the chain as its target: base is the
+	// target then, nil for blockdev-mirror.
+	jobType   string
+	base      *graph.BDS
+	baseRO    bool        // base was read-only: reopened read-write for the job
+	commitTop bool        // SetCommitTop is on for the source
+	aborted   atomic.Bool // the job failed or was force-cancelled
+
 	// Set up before the job starts, released by release.
-	main   *graph.Child // the job's edge to the source ("main node"); it reads through it
-	tgtJob *graph.Child // the job's hold on the target ("target")
-	tgtW   *graph.Child // the job's writer on the target (QEMU's s->target)
+	main   *graph.Child   // the job's edge to the source ("main node"); it reads through it
+	inter  []*graph.Child // commit: the nodes below the source down to the base ("intermediate node")
+	tgtJob *graph.Child   // the job's hold on the target ("target")
+	tgtW   *graph.Child   // the job's writer on the target (QEMU's s->target)
 }
 
 func (d *Daemon) registerMirror() {
@@ -166,7 +176,7 @@ func (d *Daemon) blockdevMirror(a *mirrorArgs) error {
 	if inChain(src, target) {
 		return errors.New("Cannot mirror to a filter on top of a node in the source's backing chain")
 	}
-	m := &mirror{g: d.Graph, src: src, target: target, sync: a.Sync,
+	m := &mirror{g: d.Graph, src: src, target: target, sync: a.Sync, jobType: "mirror",
 		onSrc: job.OnErrorReport, onTgt: job.OnErrorReport, gran: defaultGranularity(target)}
 	if a.Granularity != nil && *a.Granularity != 0 {
 		m.gran = int64(*a.Granularity)
@@ -175,11 +185,7 @@ func (d *Daemon) blockdevMirror(a *mirrorArgs) error {
 	if a.BufSize != nil && *a.BufSize > 0 {
 		bufSize = *a.BufSize
 	}
-	bufSize = (bufSize + m.gran - 1) / m.gran * m.gran
-	// One request copies at most max(buf-size/16, 1 MiB) (mirror_iteration's
-	// max_io_bytes), within the buffer, in whole granules.
-	m.chunk = min(bufSize, max(bufSize/16, mirrorMaxIO))
-	m.chunk = max(m.chunk/m.gran*m.gran, m.gran)
+	m.setChunk(bufSize)
 	if a.OnSourceError != nil {
 		m.onSrc = *a.OnSourceError
 	}
@@ -195,13 +201,19 @@ func (d *Daemon) blockdevMirror(a *mirrorArgs) error {
 	}
 	o.ManualFinalize = a.AutoFinalize != nil && !*a.AutoFinalize
 	o.ManualDismiss = a.AutoDismiss != nil && !*a.AutoDismiss
+	return d.startMirror(m, o)
+}
+
+// startMirror takes the job's edges and starts the job (mirror_start_job
+// after its checks); blockdev-mirror and the active block-commit share it.
+func (d *Daemon) startMirror(m *mirror, o job.BlockOptions) error {
 	if job.ValidID(o.ID) {
 		if err := m.attach(o.ID); err != nil {
 			return err
 		}
 	}
-	_, err = d.Jobs.StartBlock(&job.BlockDriver{
-		Type:     "mirror",
+	_, err := d.Jobs.StartBlock(&job.BlockDriver{
+		Type:     m.jobType,
 		Run:      m.run,
 		Complete: m.complete,
 		Cancel: func(_ *job.BlockJob, force bool) bool {
@@ -210,12 +222,27 @@ func (d *Daemon) blockdevMirror(a *mirrorArgs) error {
 			return force || !m.ready.Load()
 		},
 		Prepare: m.prepare,
+		Abort:   func(*job.BlockJob) { m.aborted.Store(true) },
 		Clean:   func(*job.BlockJob) { m.release() },
 	}, o)
 	if err != nil {
+		m.aborted.Store(true)
 		m.release()
 	}
 	return err
+}
+
+// setChunk sizes the job's requests for a buffer of bufSize bytes (0:
+// the default) rounded up to the granularity: one request copies at most
+// max(buf-size/16, 1 MiB) (mirror_iteration's max_io_bytes), within the
+// buffer, in whole granules.
+func (m *mirror) setChunk(bufSize int64) {
+	if bufSize <= 0 {
+		bufSize = mirrorBufSize
+	}
+	bufSize = (bufSize + m.gran - 1) / m.gran * m.gran
+	m.chunk = min(bufSize, max(bufSize/16, mirrorMaxIO))
+	m.chunk = max(m.chunk/m.gran*m.gran, m.gran)
 }
 
 // Permissions as mirror_start_job takes them: the job reads the source
@@ -236,13 +263,26 @@ func (m *mirror) attach(id string) (err error) {
 		}
 	}()
 	g := m.g
-	if m.main, err = g.NewJobBackend(m.src, "main node", "mirror", id, graph.PermRead, mirrorSrcShared); err != nil {
+	if m.main, err = g.NewJobBackend(m.src, "main node", m.jobType, id, graph.PermRead, mirrorSrcShared); err != nil {
 		return err
 	}
-	if m.tgtJob, err = g.NewJobBackend(m.target, "target", "mirror", id, 0, graph.PermAll); err != nil {
+	if m.tgtJob, err = g.NewJobBackend(m.target, "target", m.jobType, id, 0, graph.PermAll); err != nil {
 		return err
 	}
-	if m.tgtW, err = g.NewBackend(m.target.Name(), "", graph.PermWrite, mirrorTargetShared); err != nil {
+	perm, shared := graph.PermWrite, graph.Perm(mirrorTargetShared)
+	if m.base != nil {
+		if err = m.attachCommit(id); err != nil {
+			return err
+		}
+		// The base stays a backing node of the chain: it is shared
+		// for its readers (mirror_start_job with target_is_backing)
+		// and grows to the source's size if it is smaller.
+		shared |= graph.PermRead | graph.PermWrite
+		if m.target.Node().Size() < m.src.Node().Size() {
+			perm |= graph.PermResize
+		}
+	}
+	if m.tgtW, err = g.NewBackend(m.target.Name(), "", perm, shared); err != nil {
 		return err
 	}
 	m.dirty = graph.NewDirtyBitmap(m.main.Size(), m.gran)
@@ -265,6 +305,7 @@ func (m *mirror) release() {
 			*e = nil
 		}
 	}
+	m.releaseCommit()
 }
 
 // complete is mirror_complete: the job switches to the target once it

@@ -14,7 +14,15 @@ import (
 // pivot happens in prepare) or cancelled.
 func (m *mirror) run(ctx context.Context, b *job.BlockJob) error {
 	size := m.main.Size()
-	if size != m.tgtW.Size() {
+	switch tsize := m.tgtW.Size(); {
+	case m.base != nil:
+		// Active commit: the base grows to the top's size.
+		if tsize < size {
+			if err := m.tgtW.Truncate(ctx, size, graph.PreallocOff); err != nil {
+				return err
+			}
+		}
+	case size != tsize:
 		return errors.New("Source and target image have different sizes")
 	}
 	if m.sync != "none" {
@@ -58,6 +66,9 @@ func (m *mirror) run(ctx context.Context, b *job.BlockJob) error {
 // reads zeroes, QEMU's zero_target pass), sync=top what the source image
 // itself allocates (all of it without a backing file, as full).
 func (m *mirror) dirtyInit(ctx context.Context, b *job.BlockJob, size int64) error {
+	if m.base != nil {
+		return m.commitDirtyInit(ctx, b, size)
+	}
 	if m.sync == "full" || m.src.Backing() == nil {
 		m.dirty.Mark(0, size)
 		return nil
@@ -138,6 +149,7 @@ func (m *mirror) iteration(ctx context.Context, b *job.BlockJob, pos int64, buf 
 // flushed and every parent and export of the source moves to it. After a
 // cancel of a ready job nothing moves.
 func (m *mirror) prepare(*job.BlockJob) error {
+	m.aborted.Store(false)
 	if !m.shouldPivot.Load() {
 		return nil
 	}

@@ -205,11 +205,17 @@ func (g *Graph) Del(name string) error {
 	if b == nil {
 		return fmt.Errorf("Failed to find node with node-name='%s'", name)
 	}
-	if b.users > 0 {
+	// The source of a mirror (it has a dirty bitmap) sits below QEMU's
+	// mirror_top filter, which holds its users: bdrv_has_blk finds none
+	// and the job's op blocker answers first.
+	if b.users > 0 && b.dirty.Load() == nil {
 		return fmt.Errorf("Node %s is in use", name)
 	}
 	if err := b.busyLocked(); err != nil {
 		return err
+	}
+	if b.users > 0 {
+		return fmt.Errorf("Node %s is in use", name)
 	}
 	for _, c := range b.parents {
 		// QEMU's backing op blocker.
