@@ -37,6 +37,7 @@ func (d *Daemon) registerBlock() {
 		return []struct{}{}, nil
 	})
 	qmp.Handle(d.QMP, "block_resize", d.blockResize)
+	d.registerReopen()
 }
 
 type blockResizeArgs struct {

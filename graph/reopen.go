@@ -49,9 +49,24 @@ func (g *Graph) Reopen(ctx context.Context, b *BDS, readOnly bool) error {
 
 // reopenLocked is Reopen with b's requests drained and g.mu held.
 func (g *Graph) reopenLocked(ctx context.Context, b *BDS, readOnly bool) error {
+	commit, _, err := g.reopenPrepare(ctx, b, readOnly)
+	if err != nil {
+		return err
+	}
+	commit()
+	return nil
+}
+
+// reopenPrepare does the part of reopenLocked that can fail: the nodes'
+// flags and permissions change and their drivers prepare. On success the
+// caller calls exactly one of commit (the drivers' commits) and abort
+// (every prepared driver aborted in reverse order, the flags and
+// permissions as they were); on error every node is as it was. g.mu is
+// held and b's requests are drained until then.
+func (g *Graph) reopenPrepare(ctx context.Context, b *BDS, readOnly bool) (commit, abort func(), err error) {
 	set := b.reopenSet(readOnly, nil)
 	if len(set) == 0 {
-		return nil
+		return func() {}, func() {}, nil
 	}
 	type prepared struct{ commit, abort func() }
 	var done []prepared
@@ -78,33 +93,43 @@ func (g *Graph) reopenLocked(ctx context.Context, b *BDS, readOnly bool) error {
 		for _, x := range set {
 			if err := prepare(x); err != nil {
 				undo()
-				return err
+				return nil, nil, err
 			}
 		}
 		if err := g.setReadOnlyFlags(set, true); err != nil {
 			_ = g.setReadOnlyFlags(set, false)
 			undo()
-			return err
+			return nil, nil, err
+		}
+		abort = func() {
+			_ = g.setReadOnlyFlags(set, false)
+			undo()
 		}
 	} else {
 		if err := g.setReadOnlyFlags(set, false); err != nil {
 			_ = g.setReadOnlyFlags(set, true)
-			return err
+			return nil, nil, err
 		}
 		for i := len(set) - 1; i >= 0; i-- {
 			if err := prepare(set[i]); err != nil {
 				undo()
 				_ = g.setReadOnlyFlags(set, true)
-				return err
+				return nil, nil, err
+			}
+		}
+		abort = func() {
+			undo()
+			_ = g.setReadOnlyFlags(set, true)
+		}
+	}
+	commit = func() {
+		for _, p := range done {
+			if p.commit != nil {
+				p.commit()
 			}
 		}
 	}
-	for _, p := range done {
-		if p.commit != nil {
-			p.commit()
-		}
-	}
-	return nil
+	return commit, abort, nil
 }
 
 // reopenSet lists b and the nodes that follow it to readOnly, parents

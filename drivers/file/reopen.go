@@ -59,16 +59,28 @@ func (n *Node) PrepareReopen(ctx context.Context, readOnly bool) (commit, abort 
 	n.fd, n.rw, n.locks = fd, want, nl
 	n.mu.Unlock()
 	n.data.invalidate(0, -1)
+	// The new descriptor holds the node's locks now, so the old one lets
+	// go of its own: a permission change before the commit (a parent
+	// reopened read-write in the same blockdev-reopen) is not refused by
+	// the locks of the node's own old descriptor.
+	held, unshared := oldLocks.held, oldLocks.unshared
+	if n.useLock {
+		oldLocks.releaseAll()
+	}
 	commit = func() { unix.Close(oldFd) }
 	abort = func() {
 		n.permMu.Lock()
 		defer n.permMu.Unlock()
 		n.mu.Lock()
 		cur := n.locks
+		unix.Close(cur.fd)
+		if n.useLock {
+			// Nothing else could take what the new descriptor held.
+			_ = oldLocks.apply(held, unshared, false)
+		}
 		n.fd, n.rw, n.locks = oldFd, rw, oldLocks
 		n.mu.Unlock()
 		n.data.invalidate(0, -1)
-		unix.Close(cur.fd)
 	}
 	return commit, abort, nil
 }

@@ -571,10 +571,15 @@ func (n *node) Close() error {
 
 // StrongOptions reports the options the contents depend on, which QEMU
 // shows in json: filenames: encrypt.key-secret, and backing: null when
-// the image's backing file is not used.
+// the image's backing file is not used (opened with backing: null, or
+// detached since by blockdev-reopen: no backing child while the header
+// names a backing file, as bdrv_refresh_filename sees it).
 func (n *node) StrongOptions() qapi.Object {
+	n.metaMu.Lock()
+	detached := n.backing == nil && n.h.BackingFile != ""
+	n.metaMu.Unlock()
 	var o qapi.Object
-	if n.noBacking {
+	if n.noBacking || detached {
 		o = append(o, qapi.Member{Name: "backing", Value: nil})
 	}
 	if n.keySecret != "" {
