@@ -79,7 +79,8 @@ func TestSideBySide(t *testing.T) {
 			}
 		}
 	}
-	if res.Row("raw", "randread-4k-qd32-c1") == nil || res.Row("luks", "write-1m-qd8-c4") == nil {
+	if res.Row("raw", "randread-4k-qd32-c1") == nil || res.Row("luks", "write-1m-qd8-c4") == nil ||
+		res.Row("chain-qcow2", "stream") == nil || res.Row("chain-luks", "commit") == nil {
 		t.Error("rows missing from the report")
 	}
 }

@@ -119,10 +119,14 @@ var configs = []*Config{
 	},
 }
 
-// ConfigNames lists the setups in report order, "convert" last.
+// ConfigNames lists the setups in report order: the NBD setups, the
+// backing chains of the block job rows, "convert" last.
 func ConfigNames() []string {
 	var n []string
 	for _, c := range configs {
+		n = append(n, c.Name)
+	}
+	for _, c := range chains {
 		n = append(n, c.Name)
 	}
 	return append(n, "convert")

@@ -44,6 +44,10 @@ type Options struct {
 	// raw_syscalls tracepoint). perf attaches to the threads that exist
 	// when the measured window starts.
 	Syscalls bool
+	// JobDir, when set, is where the block job rows run their working
+	// copies of the chain images (a disk file system, where the jobs'
+	// flushes cost what they cost in use); empty means Dir.
+	JobDir string
 	// Log receives progress lines; nil discards them.
 	Log io.Writer
 }
@@ -62,7 +66,7 @@ func QuickOptions() Options {
 
 // Tools are the peer tools a run needs. nbdkit is optional: without it the
 // nbdkit column stays empty.
-var Tools = []string{"qemu-storage-daemon", "qemu-img", "fio", "nbdcopy", "nbdinfo", "cryptsetup", "go"}
+var Tools = []string{"qemu-storage-daemon", "qemu-img", "qemu-io", "fio", "nbdcopy", "nbdinfo", "cryptsetup", "go"}
 
 // MissingTools returns the peer tools that are not on PATH.
 func MissingTools() []string {
@@ -151,6 +155,18 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 			continue
 		}
 		if err := r.runConfig(c); err != nil {
+			return r.res, fmt.Errorf("%s: %w", c.Name, err)
+		}
+	}
+	for _, c := range chains {
+		if !r.wantConfig(c.Name) {
+			continue
+		}
+		if !r.qcow2 {
+			r.res.Notes = append(r.res.Notes, fmt.Sprintf("%s: skipped, blockd has no qcow2 driver", c.Name))
+			continue
+		}
+		if err := r.runChain(c); err != nil {
 			return r.res, fmt.Errorf("%s: %w", c.Name, err)
 		}
 	}

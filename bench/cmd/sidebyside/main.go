@@ -5,7 +5,8 @@
 // See docs/performance.md.
 //
 //	go run ./bench/cmd/sidebyside [-quick] [-reps N] [-size BYTES] [-runtime D] [-ramp D] [-no-nbdkit]
-//	    [-configs raw,luks,...] [-workloads randread-4k-qd32-c1,...] [-markdown] [-spread] [-profile DIR] [-syscalls]
+//	    [-configs raw,luks,...,chain-qcow2,...] [-workloads randread-4k-qd32-c1,...] [-jobdir DIR] [-markdown] [-spread]
+//	    [-profile DIR] [-syscalls]
 package main
 
 import (
@@ -29,6 +30,7 @@ func main() {
 	runtime := flag.Duration("runtime", 0, fmt.Sprintf("measured time of each fio run (default %v, 500ms with -quick)", def.Runtime))
 	ramp := flag.Duration("ramp", -1, fmt.Sprintf("fio warm-up before measuring (default %v, 0 with -quick)", def.Ramp))
 	dir := flag.String("dir", def.Dir, "where to put the images (a tmpfs)")
+	jobDir := flag.String("jobdir", "", "where the block job rows run on copies of their chain images (default: -dir; a disk directory shows the cost of flushes)")
 	configs := flag.String("configs", "", "comma-separated setups to run (default all): "+strings.Join(bench.ConfigNames(), ","))
 	workloads := flag.String("workloads", "", "comma-separated NBD workloads to run (default all): "+strings.Join(bench.WorkloadNames(), ","))
 	blockd := flag.String("blockd", "", "prebuilt blockd binary (default: build from the module)")
@@ -59,6 +61,7 @@ func main() {
 	}
 	o.Syscalls = *syscalls
 	o.NoNBDKit = *noNBDKit
+	o.JobDir = *jobDir
 	o.Dir, o.Blockd, o.BlockdImg, o.ProfileDir = *dir, *blockd, *blockdImg, *profile
 	if *configs != "" {
 		o.Configs = strings.Split(*configs, ",")
