@@ -14,10 +14,11 @@ var (
 )
 
 // ChangeBackingFile implements graph.BackingFileChanger as QEMU's
-// qcow2_change_backing_file: the backing format extension, the name after
-// the extensions and the header fields that locate it are rebuilt in a
-// copy of the header, and the whole header cluster is written with one
-// write, then flushed. A crash therefore leaves the old or the new header
+// qcow2_change_backing_file: the caches are written back and flushed
+// first, then the backing format extension, the name after the extensions
+// and the header fields that locate it are rebuilt in a copy of the
+// header, and the whole header cluster is written with one write, then
+// flushed. A crash therefore leaves the old or the new header
 // (a torn cluster write aside, which the file below would have to cause),
 // never a name pointing past a changed extension area. The node's backing
 // child stays as it is.
@@ -54,7 +55,16 @@ func (n *node) ChangeBackingFile(ctx context.Context, name, format string) error
 		}
 		return err
 	}
-	// One write of the header cluster: the only write this change makes.
+	// Everything the new header relies on is stable before it is written:
+	// the data a stream or commit copied in and the L2 tables that map it
+	// (held in the write-back cache until now). Otherwise a crash right
+	// after a stream could leave a header without a backing file over
+	// tables that do not map the copy yet, and the image would read
+	// zeroes where the backing file's data was (QEMU 7.2 has this hole).
+	if err := m.writebackLocked(ctx, true); err != nil {
+		return err
+	}
+	// One write of the header cluster: the only write of the change itself.
 	if err := m.file.WriteAt(ctx, buf, 0, 0); err != nil {
 		return err
 	}

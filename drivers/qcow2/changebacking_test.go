@@ -13,6 +13,7 @@ import (
 	"blockd/drivers/blkdebug"
 	"blockd/drivers/qcow2/qcow2fmt"
 	"blockd/graph"
+	"blockd/internal/testutil"
 )
 
 // diskHeader parses the header of the qcow2 image at path.
@@ -199,4 +200,29 @@ func TestMakeEmpty(t *testing.T) {
 		t.Fatal(err)
 	}
 	selfCheck(t, top)
+}
+
+// TestChangeBackingFileAfterCopy: data written to the image (a stream's
+// copy) is mapped on disk before the header stops naming the backing file,
+// so another reader of the file (what remains after a crash) sees the
+// data and not the zeroes of an image without backing.
+func TestChangeBackingFileAfterCopy(t *testing.T) {
+	testutil.NeedTool(t, "qemu-img")
+	ctx := context.Background()
+	dir := t.TempDir()
+	base, top := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "top.qcow2")
+	blockdevCreate(t, base, `,"size":8388608`)
+	blockdevCreate(t, top, `,"size":8388608,"backing-file":"base.qcow2","backing-fmt":"qcow2"`)
+	g, _ := newGraph(t)
+	c := openQcow2(t, g, "q", top, "")
+	data := pattern(1<<20, 7)
+	if err := c.WriteAt(ctx, data, 2<<20, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := changer(t, g.Lookup("q")).ChangeBackingFile(ctx, "", ""); err != nil {
+		t.Fatal(err)
+	}
+	// The node is still open: read the file as a crash would leave it.
+	raw := qemuRaw(t, "-U", top)
+	equalOrFail(t, "image read by another process", raw[2<<20:3<<20], data)
 }
