@@ -84,6 +84,10 @@ var qmpAllowed = map[string]bool{
 	"job-pause": true, "job-resume": true, "job-complete": true, "job-finalize": true,
 	"query-version": true, "query-commands": true, "query-block-exports": true,
 	"block-export-add": true, "block-export-del": true, "nbd-server-add": true, "nbd-server-remove": true,
+	"blockdev-snapshot": true, "blockdev-reopen": true, "block-set-write-threshold": true,
+	"block-stream": true, "block-commit": true, "blockdev-mirror": true, "query-block-jobs": true,
+	"block-job-set-speed": true, "block-job-cancel": true, "block-job-pause": true, "block-job-resume": true,
+	"block-job-complete": true, "block-job-finalize": true, "block-job-dismiss": true,
 }
 
 // unsafeArgs rejects arguments that would read files (secret file=,
