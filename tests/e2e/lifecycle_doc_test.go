@@ -2,19 +2,23 @@ package e2e
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"blockd/tests/harness"
 )
 
 // TestLifecycleDoc runs docs/lifecycle.md against blockd: every "->"
 // command in its QMP blocks must succeed, in order, and every "<-" event
 // must arrive (matched on its name and the data members the document
 // shows, and without an error member), with /var/lib/blockd replaced by a
-// temporary directory.
+// temporary directory. Data written through the export once it exists is
+// read back through it at the end.
 func TestLifecycleDoc(t *testing.T) {
 	f, err := os.Open(filepath.Join("..", "..", "docs", "lifecycle.md"))
 	if err != nil {
@@ -25,6 +29,7 @@ func TestLifecycleDoc(t *testing.T) {
 	events := d.subscribe()
 	dir := d.dir
 	ran := 0
+	var data []byte
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
@@ -49,6 +54,19 @@ func TestLifecycleDoc(t *testing.T) {
 				t.Fatalf("docs/lifecycle.md: %s: %v\n%s", line, err, d.logs)
 			}
 			ran++
+			if req.Execute == "block-export-add" && data == nil {
+				// The guest's data: written once, read back at the end,
+				// after every snapshot, commit, stream and mirror.
+				data = bytes.Repeat([]byte("lifecycle"), 1<<17)[:1<<20]
+				c, err := harness.DialNBD("unix", filepath.Join(dir, "nbd.sock"), "vm1")
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := c.WriteAt(data, 3<<20, true); err != nil {
+					t.Fatal(err)
+				}
+				c.Close()
+			}
 		case strings.HasPrefix(line, "<- "):
 			var want struct {
 				Event string         `json:"event"`
@@ -80,7 +98,19 @@ func TestLifecycleDoc(t *testing.T) {
 			}
 		}
 	}
-	if ran < 10 {
-		t.Fatalf("docs/lifecycle.md ran only %d commands", ran)
+	if ran < 10 || data == nil {
+		t.Fatalf("docs/lifecycle.md ran only %d commands (export made: %v)", ran, data != nil)
+	}
+	c, err := harness.DialNBD("unix", filepath.Join(dir, "nbd.sock"), "vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	got := make([]byte, len(data))
+	if err := c.ReadAt(got, 3<<20); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatal("the export does not read what the guest wrote before the snapshots, commits, stream and mirror")
 	}
 }
