@@ -9,34 +9,12 @@ import (
 	"blockd/qmp"
 )
 
-// InetSocketAddress is QAPI's InetSocketAddress.
-type InetSocketAddress struct {
-	Host      string  `json:"host"`
-	Port      string  `json:"port"`
-	Numeric   *bool   `json:"numeric,omitempty"`
-	To        *uint16 `json:"to,omitempty"`
-	IPv4      *bool   `json:"ipv4,omitempty"`
-	IPv6      *bool   `json:"ipv6,omitempty"`
-	KeepAlive *bool   `json:"keep-alive,omitempty"`
-}
-
-// UnixSocketAddress is QAPI's UnixSocketAddress.
-type UnixSocketAddress struct {
-	Path     string `json:"path"`
-	Abstract *bool  `json:"abstract,omitempty"`
-	Tight    *bool  `json:"tight,omitempty"`
-}
-
-type socketType string
-
-func (socketType) EnumValues() []string { return []string{"inet", "unix", "vsock", "fd"} }
-
 // socketAddress is a decoded SocketAddress (flat) or SocketAddressLegacy
 // (nested under "data").
 type socketAddress struct {
-	Type socketType
-	Inet *InetSocketAddress
-	Unix *UnixSocketAddress
+	Type qapi.SocketType
+	Inet *qapi.InetSocketAddress
+	Unix *qapi.UnixSocketAddress
 }
 
 // decodeSocketAddress decodes addr at path, nested (QMP) or flat (command
@@ -47,7 +25,7 @@ func decodeSocketAddress(d *qapi.Decoder, v any, path string, nested bool) (*soc
 		return nil, &qapi.Error{Msg: fmt.Sprintf("Invalid parameter type for '%s', expected: object", path)}
 	}
 	var base struct {
-		Type socketType `json:"type"`
+		Type qapi.SocketType `json:"type"`
 	}
 	if err := d.Decode(map[string]any{"type": obj["type"]}, path, &base); err != nil {
 		if _, ok := obj["type"]; !ok {
@@ -59,18 +37,18 @@ func decodeSocketAddress(d *qapi.Decoder, v any, path string, nested bool) (*soc
 	var variant any
 	switch base.Type {
 	case "inet":
-		sa.Inet = &InetSocketAddress{}
+		sa.Inet = &qapi.InetSocketAddress{}
 		variant = sa.Inet
 	case "unix":
-		sa.Unix = &UnixSocketAddress{}
+		sa.Unix = &qapi.UnixSocketAddress{}
 		variant = sa.Unix
 	default:
 		return nil, fmt.Errorf("socket address type '%s' is not supported by blockd", base.Type)
 	}
 	if nested {
 		var wrap struct {
-			Type socketType     `json:"type"`
-			Data map[string]any `json:"data"`
+			Type qapi.SocketType `json:"type"`
+			Data map[string]any  `json:"data"`
 		}
 		if err := d.Decode(obj, path, &wrap); err != nil {
 			return nil, err

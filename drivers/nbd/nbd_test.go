@@ -19,6 +19,7 @@ import (
 
 	"blockd/drivers/file"
 	"blockd/graph"
+	"blockd/internal/qapi"
 	nbdserver "blockd/nbd"
 )
 
@@ -381,11 +382,11 @@ func TestFilename(t *testing.T) {
 		export *string
 		want   string
 	}{
-		{SocketAddress{Type: "inet", Inet: &InetSocketAddress{Host: "example.org", Port: "10809"}}, ptr("exp"), "nbd://example.org:10809/exp"},
-		{SocketAddress{Type: "inet", Inet: &InetSocketAddress{Host: "h", Port: "1"}}, nil, "nbd://h:1"},
-		{SocketAddress{Type: "inet", Inet: &InetSocketAddress{Host: "h", Port: "1", IPv4: ptr(true)}}, nil, ""},
-		{SocketAddress{Type: "unix", Unix: &UnixSocketAddress{Path: "/s"}}, nil, "nbd+unix://?socket=/s"},
-		{SocketAddress{Type: "unix", Unix: &UnixSocketAddress{Path: "/s"}}, ptr(""), "nbd+unix:///?socket=/s"},
+		{SocketAddress{Type: "inet", Inet: &qapi.InetSocketAddress{Host: "example.org", Port: "10809"}}, ptr("exp"), "nbd://example.org:10809/exp"},
+		{SocketAddress{Type: "inet", Inet: &qapi.InetSocketAddress{Host: "h", Port: "1"}}, nil, "nbd://h:1"},
+		{SocketAddress{Type: "inet", Inet: &qapi.InetSocketAddress{Host: "h", Port: "1", IPv4: ptr(true)}}, nil, ""},
+		{SocketAddress{Type: "unix", Unix: &qapi.UnixSocketAddress{Path: "/s"}}, nil, "nbd+unix://?socket=/s"},
+		{SocketAddress{Type: "unix", Unix: &qapi.UnixSocketAddress{Path: "/s"}}, ptr(""), "nbd+unix:///?socket=/s"},
 	} {
 		if got := filename(&tc.sa, tc.export); got != tc.want {
 			t.Errorf("filename %q, want %q", got, tc.want)

@@ -21,34 +21,12 @@ type Options struct {
 	OpenTimeout    *uint32       `json:"open-timeout,omitempty"`
 }
 
-// InetSocketAddress is QAPI's InetSocketAddress.
-type InetSocketAddress struct {
-	Host      string  `json:"host"`
-	Port      string  `json:"port"`
-	Numeric   *bool   `json:"numeric,omitempty"`
-	To        *uint16 `json:"to,omitempty"`
-	IPv4      *bool   `json:"ipv4,omitempty"`
-	IPv6      *bool   `json:"ipv6,omitempty"`
-	KeepAlive *bool   `json:"keep-alive,omitempty"`
-}
-
-// UnixSocketAddress is QAPI's UnixSocketAddress.
-type UnixSocketAddress struct {
-	Path     string `json:"path"`
-	Abstract *bool  `json:"abstract,omitempty"`
-	Tight    *bool  `json:"tight,omitempty"`
-}
-
-type socketType string
-
-func (socketType) EnumValues() []string { return []string{"inet", "unix", "vsock", "fd"} }
-
 // SocketAddress is QAPI's flat SocketAddress union (inet and unix; vsock
 // and fd are refused when the node opens).
 type SocketAddress struct {
-	Type socketType
-	Inet *InetSocketAddress
-	Unix *UnixSocketAddress
+	Type qapi.SocketType
+	Inet *qapi.InetSocketAddress
+	Unix *qapi.UnixSocketAddress
 	// given are the members as decoded, for the node's json: filename.
 	given qapi.Object
 }
@@ -60,7 +38,7 @@ func (sa *SocketAddress) UnmarshalQAPI(d *qapi.Decoder, v any, path string) erro
 		return &qapi.Error{Msg: fmt.Sprintf("Invalid parameter type for '%s', expected: object", path)}
 	}
 	var base struct {
-		Type socketType `json:"type"`
+		Type qapi.SocketType `json:"type"`
 	}
 	tv, ok := obj["type"]
 	if !ok {
@@ -73,10 +51,10 @@ func (sa *SocketAddress) UnmarshalQAPI(d *qapi.Decoder, v any, path string) erro
 	var variant any
 	switch base.Type {
 	case "inet":
-		sa.Inet = &InetSocketAddress{}
+		sa.Inet = &qapi.InetSocketAddress{}
 		variant = sa.Inet
 	case "unix":
-		sa.Unix = &UnixSocketAddress{}
+		sa.Unix = &qapi.UnixSocketAddress{}
 		variant = sa.Unix
 	default:
 		return fmt.Errorf("socket address type '%s' is not supported by blockd", base.Type)
