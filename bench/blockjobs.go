@@ -22,7 +22,10 @@ import (
 // does not cover into top (base-node=base); the commit copies mid into
 // base (top-node=mid, base-node=base). Each job runs on a daemon started
 // for it on fresh copies of the images, and is timed from the command to
-// BLOCK_JOB_COMPLETED.
+// BLOCK_JOB_COMPLETED. The mirror copies the whole chain as top reads it
+// (sync=full: 1 GiB of data) into a new qcow2 image of the same size
+// added as a node before the job starts, and is completed as soon as it
+// is ready.
 
 // chain is one backing-chain setup of the block job rows.
 type chain struct {
@@ -45,13 +48,18 @@ type blockJob struct {
 	Name, Label string
 	cmd         string
 	args        map[string]any
+	// target: a new qcow2 image "tgt" of the chain's size is added
+	// before the command, and the job is completed once it is ready.
+	target bool
 }
 
 var blockJobs = []*blockJob{
 	{"stream", "block-stream of mid (25 %) into top", "block-stream",
-		map[string]any{"job-id": "job0", "device": "top", "base-node": "base"}},
+		map[string]any{"job-id": "job0", "device": "top", "base-node": "base"}, false},
 	{"commit", "block-commit of mid (25 %) into base", "block-commit",
-		map[string]any{"job-id": "job0", "device": "top", "top-node": "mid", "base-node": "base"}},
+		map[string]any{"job-id": "job0", "device": "top", "top-node": "mid", "base-node": "base"}, false},
+	{"mirror", "blockdev-mirror sync=full of top (1 GiB) into a new qcow2", "blockdev-mirror",
+		map[string]any{"job-id": "job0", "device": "top", "target": "tgt", "sync": "full"}, true},
 }
 
 func (b *blockJob) metric() *Metric {
@@ -237,6 +245,16 @@ func (r *runner) runBlockJob(c *chain, j *blockJob, d Daemon, work string) (samp
 	}
 	defer q.Close()
 	q.Timeout = 10 * time.Minute
+	if j.target {
+		tgt := filepath.Join(work, "tgt")
+		if err := runPeer(r.ctx, "qemu-img", "create", "-q", "-f", "qcow2", tgt, fmt.Sprint(r.imgs.size)); err != nil {
+			return sample{}, err
+		}
+		if _, err := q.Exec("blockdev-add", map[string]any{"driver": "qcow2", "node-name": "tgt",
+			"file": map[string]any{"driver": "file", "filename": tgt}}); err != nil {
+			return sample{}, err
+		}
+	}
 	proc := &process{cmd: p.Cmd}
 	cpu0, err := proc.cpu()
 	if err != nil {
@@ -245,6 +263,14 @@ func (r *runner) runBlockJob(c *chain, j *blockJob, d Daemon, work string) (samp
 	t0 := time.Now()
 	if _, err := q.Exec(j.cmd, j.args); err != nil {
 		return sample{}, err
+	}
+	if j.target {
+		if _, err := q.WaitEvent("BLOCK_JOB_READY", nil, 10*time.Minute); err != nil {
+			return sample{}, err
+		}
+		if _, err := q.Exec("block-job-complete", map[string]any{"device": "job0"}); err != nil {
+			return sample{}, err
+		}
 	}
 	ev, err := q.WaitEvent("BLOCK_JOB_COMPLETED", nil, 10*time.Minute)
 	el := time.Since(t0)

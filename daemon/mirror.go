@@ -23,6 +23,7 @@ import (
 // Mirror defaults (block/mirror.c).
 const (
 	mirrorMaxIO      = 1 << 20          // MAX_IO_BYTES
+	mirrorMaxInFlt   = 16               // MAX_IN_FLIGHT: requests copying at once
 	mirrorBufSize    = 16 * mirrorMaxIO // DEFAULT_MIRROR_BUF_SIZE
 	mirrorMaxGran    = 64 << 20         // the largest granularity blockdev_mirror_common takes
 	mirrorDefaultGra = 64 << 10         // bdrv_get_default_bitmap_granularity without a cluster size
@@ -68,6 +69,7 @@ type mirror struct {
 	src, target   *graph.BDS
 	sync          mirrorSync
 	gran, chunk   int64
+	slots         int // requests in flight at most: chunk*slots fits in buf-size
 	onSrc, onTgt  job.OnError
 	dirty         *graph.DirtyBitmap
 	ready         atomic.Bool // BLOCK_JOB_READY was sent (s->synced)
@@ -235,7 +237,8 @@ func (d *Daemon) startMirror(m *mirror, o job.BlockOptions) error {
 // setChunk sizes the job's requests for a buffer of bufSize bytes (0:
 // the default) rounded up to the granularity: one request copies at most
 // max(buf-size/16, 1 MiB) (mirror_iteration's max_io_bytes), within the
-// buffer, in whole granules.
+// buffer, in whole granules; up to 16 requests (MAX_IN_FLIGHT) copy at
+// once as long as their buffers fit in buf-size.
 func (m *mirror) setChunk(bufSize int64) {
 	if bufSize <= 0 {
 		bufSize = mirrorBufSize
@@ -243,6 +246,7 @@ func (m *mirror) setChunk(bufSize int64) {
 	bufSize = (bufSize + m.gran - 1) / m.gran * m.gran
 	m.chunk = min(bufSize, max(bufSize/16, mirrorMaxIO))
 	m.chunk = max(m.chunk/m.gran*m.gran, m.gran)
+	m.slots = int(min(max(bufSize/m.chunk, 1), mirrorMaxInFlt))
 }
 
 // Permissions as mirror_start_job takes them: the job reads the source

@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"errors"
+	"sync"
 
 	"blockd/daemon/job"
 	"blockd/graph"
@@ -30,7 +31,10 @@ func (m *mirror) run(ctx context.Context, b *job.BlockJob) error {
 			return err
 		}
 	}
-	buf := make([]byte, m.chunk)
+	bufs := make([][]byte, m.slots)
+	for i := range bufs {
+		bufs[i] = make([]byte, m.chunk)
+	}
 	var pos int64
 	for {
 		if b.IsCancelled() {
@@ -41,7 +45,7 @@ func (m *mirror) run(ctx context.Context, b *job.BlockJob) error {
 		if cnt > 0 {
 			var copied int64
 			var err error
-			pos, copied, err = m.iteration(ctx, b, pos, buf)
+			pos, copied, err = m.round(ctx, b, pos, bufs)
 			if err != nil {
 				return err
 			}
@@ -93,17 +97,62 @@ func (m *mirror) dirtyInit(ctx context.Context, b *job.BlockJob, size int64) err
 	return nil
 }
 
-// iteration copies the next dirty run from pos (mirror_iteration): the
-// range is cleared before it is read, so a write during the copy marks it
-// again; a range the source reads as zeroes is zeroed on the target
-// (which may unmap it). It returns the position to go on from and how
-// many bytes it copied (zeroed ranges do not count for the rate limit).
-// An error is returned only when the policy says report.
-func (m *mirror) iteration(ctx context.Context, b *job.BlockJob, pos int64, buf []byte) (int64, int64, error) {
-	off, n := m.dirty.TakeNext(pos, int64(len(buf)))
-	if n == 0 {
-		return 0, 0, nil
+// round copies the next dirty runs from pos with up to len(bufs)
+// requests in flight (mirror_iteration with MAX_IN_FLIGHT), one buffer
+// each, and waits for all of them: the job's pause, cancel and rate-limit
+// points and its READY checks come between rounds, with nothing in
+// flight. Each run is cleared when it is taken, before it is read. A run
+// that overlaps one of the round's (written again since it was taken)
+// goes back to the bitmap and ends the round, so two requests never
+// write the same range of the target at once (QEMU's in_flight_bitmap).
+// It returns the position to go on from, the bytes copied and the first
+// error whose policy says report.
+func (m *mirror) round(ctx context.Context, b *job.BlockJob, pos int64, bufs [][]byte) (int64, int64, error) {
+	type request struct {
+		off, n, copied int64
+		err            error
 	}
+	reqs := make([]request, 0, len(bufs))
+	var wg sync.WaitGroup
+take:
+	for i := range bufs {
+		off, n := m.dirty.TakeNext(pos, m.chunk)
+		if n == 0 {
+			pos = 0
+			break
+		}
+		for j := range reqs {
+			if r := &reqs[j]; off < r.off+r.n && r.off < off+n {
+				m.dirty.Mark(off, n)
+				break take
+			}
+		}
+		pos = off + n
+		reqs = append(reqs, request{off: off, n: n})
+		wg.Add(1)
+		go func(r *request, buf []byte) {
+			defer wg.Done()
+			r.copied, r.err = m.iteration(ctx, b, r.off, r.n, buf)
+		}(&reqs[len(reqs)-1], bufs[i])
+	}
+	wg.Wait()
+	var copied int64
+	for j := range reqs {
+		if r := &reqs[j]; r.err != nil {
+			return 0, 0, r.err
+		}
+		copied += reqs[j].copied
+	}
+	return pos, copied, nil
+}
+
+// iteration copies the dirty run [off, off+n) taken from the bitmap
+// (mirror_co_read's part of mirror_iteration); a write during the copy
+// marks it again; a range the source reads as zeroes is zeroed on the
+// target (which may unmap it). It returns how many bytes it copied
+// (zeroed ranges do not count for the rate limit). An error is returned
+// only when the policy says report.
+func (m *mirror) iteration(ctx context.Context, b *job.BlockJob, off, n int64, buf []byte) (int64, error) {
 	ext, err := m.main.BlockStatusAbove(ctx, off, n)
 	zero := false
 	if err == nil && len(ext) > 0 && ext[0].Flags&graph.ExtentZero != 0 {
@@ -133,15 +182,15 @@ func (m *mirror) iteration(ctx context.Context, b *job.BlockJob, pos int64, buf 
 			policy = m.onSrc
 		}
 		if b.ErrorAction(policy, read, err) == job.ActionReport {
-			return 0, 0, err
+			return 0, err
 		}
-		return off + n, 0, nil
+		return 0, nil
 	}
 	b.ProgressUpdate(n)
 	if zero {
-		return off + n, 0, nil
+		return 0, nil
 	}
-	return off + n, n, nil
+	return n, nil
 }
 
 // prepare is mirror_exit_common on success: after block-job-complete the

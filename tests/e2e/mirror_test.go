@@ -277,3 +277,41 @@ func TestMirrorSIGKILL(t *testing.T) {
 	}
 	testutil.Run(t, "qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", want, src)
 }
+
+// TestMirrorInFlight mirrors 32 MiB of data into a null-co target that
+// takes 100 ms per request: one request at a time (32 requests of 1 MiB)
+// would need at least 3.2 s to get ready, up to 16 in flight within the
+// default 16 MiB buf-size take two rounds. With buf-size 1 MiB one
+// request is in flight and the job is no faster than before.
+func TestMirrorInFlight(t *testing.T) {
+	testutil.NeedTool(t, "qemu-img")
+	testutil.NeedTool(t, "qemu-io")
+	d := start(t)
+	const size = 32 << 20
+	src := filepath.Join(d.dir, "src.raw")
+	testutil.Run(t, "qemu-img", "create", "-q", "-f", "raw", src, fmt.Sprint(size))
+	testutil.Run(t, "qemu-io", "-f", "raw", "-c", fmt.Sprintf("write -P 0x11 0 %d", size), src)
+	d.must("blockdev-add", map[string]any{"driver": "raw", "node-name": "src", "file": map[string]any{"driver": "file", "filename": src}})
+	evs := d.subscribe()
+	for _, c := range []struct {
+		bufSize  int64
+		min, max time.Duration
+	}{{0, 0, 1600 * time.Millisecond}, {1 << 20, 3200 * time.Millisecond, time.Hour}} {
+		d.must("blockdev-add", map[string]any{"driver": "null-co", "node-name": "tgt", "size": size, "latency-ns": int64(100 * time.Millisecond)})
+		args := map[string]any{"job-id": "m", "device": "src", "target": "tgt", "sync": "full"}
+		if c.bufSize > 0 {
+			args["buf-size"] = c.bufSize
+		}
+		t0 := time.Now()
+		d.must("blockdev-mirror", args)
+		waitEvent(t, evs, "BLOCK_JOB_READY", "m")
+		el := time.Since(t0)
+		t.Logf("buf-size %d: ready after %v", c.bufSize, el)
+		d.must("block-job-cancel", map[string]any{"device": "m"})
+		waitEvent(t, evs, "BLOCK_JOB_COMPLETED", "m")
+		if el < c.min || el > c.max {
+			t.Errorf("buf-size %d: ready after %v, want %v to %v", c.bufSize, el, c.min, c.max)
+		}
+		d.must("blockdev-del", map[string]any{"node-name": "tgt"})
+	}
+}
