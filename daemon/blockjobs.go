@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 
+	"blockd/daemon/job"
 	"blockd/qmp"
 )
 
@@ -62,4 +63,19 @@ func (d *Daemon) registerBlockJobs() {
 			return &qmp.Empty{}, fn(a.ID)
 		})
 	}
+}
+
+// blockJobOptions is what every block job command takes alike: job-id,
+// speed, auto-finalize and auto-dismiss (both default to on).
+func blockJobOptions(id *string, speed *int64, autoFinalize, autoDismiss *bool) job.BlockOptions {
+	o := job.BlockOptions{}
+	if id != nil {
+		o.ID = *id
+	}
+	if speed != nil {
+		o.Speed = *speed
+	}
+	o.ManualFinalize = autoFinalize != nil && !*autoFinalize
+	o.ManualDismiss = autoDismiss != nil && !*autoDismiss
+	return o
 }

@@ -173,15 +173,7 @@ func (d *Daemon) blockCommit(a *commitArgs) error {
 	if a.OnError != nil {
 		c.onErr = *a.OnError
 	}
-	o := job.BlockOptions{}
-	if a.JobID != nil {
-		o.ID = *a.JobID
-	}
-	if a.Speed != nil {
-		o.Speed = *a.Speed
-	}
-	o.ManualFinalize = a.AutoFinalize != nil && !*a.AutoFinalize
-	o.ManualDismiss = a.AutoDismiss != nil && !*a.AutoDismiss
+	o := blockJobOptions(a.JobID, a.Speed, a.AutoFinalize, a.AutoDismiss)
 	if job.ValidID(o.ID) {
 		if err := c.attach(o.ID); err != nil {
 			return err

@@ -35,15 +35,7 @@ func (d *Daemon) blockCommitActive(a *commitArgs, top, base *graph.BDS) error {
 	m.aborted.Store(true)
 	// Without job-id QEMU names the job after the device's BlockBackend,
 	// which a node added with blockdev-add does not have: the ID is ''.
-	o := job.BlockOptions{}
-	if a.JobID != nil {
-		o.ID = *a.JobID
-	}
-	if a.Speed != nil {
-		o.Speed = *a.Speed
-	}
-	o.ManualFinalize = a.AutoFinalize != nil && !*a.AutoFinalize
-	o.ManualDismiss = a.AutoDismiss != nil && !*a.AutoDismiss
+	o := blockJobOptions(a.JobID, a.Speed, a.AutoFinalize, a.AutoDismiss)
 	return d.startMirror(m, o)
 }
 

@@ -194,15 +194,7 @@ func (d *Daemon) blockdevMirror(a *mirrorArgs) error {
 	if a.OnTargetError != nil {
 		m.onTgt = *a.OnTargetError
 	}
-	o := job.BlockOptions{}
-	if a.JobID != nil {
-		o.ID = *a.JobID
-	}
-	if a.Speed != nil {
-		o.Speed = *a.Speed
-	}
-	o.ManualFinalize = a.AutoFinalize != nil && !*a.AutoFinalize
-	o.ManualDismiss = a.AutoDismiss != nil && !*a.AutoDismiss
+	o := blockJobOptions(a.JobID, a.Speed, a.AutoFinalize, a.AutoDismiss)
 	return d.startMirror(m, o)
 }
 

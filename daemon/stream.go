@@ -150,15 +150,7 @@ func (d *Daemon) blockStream(a *streamArgs) error {
 	if a.OnError != nil {
 		s.onErr = *a.OnError
 	}
-	o := job.BlockOptions{}
-	if a.JobID != nil {
-		o.ID = *a.JobID
-	}
-	if a.Speed != nil {
-		o.Speed = *a.Speed
-	}
-	o.ManualFinalize = a.AutoFinalize != nil && !*a.AutoFinalize
-	o.ManualDismiss = a.AutoDismiss != nil && !*a.AutoDismiss
+	o := blockJobOptions(a.JobID, a.Speed, a.AutoFinalize, a.AutoDismiss)
 	if job.ValidID(o.ID) {
 		// block_job_add_bdrv: the job's edges; a permission conflict
 		// fails the command.
