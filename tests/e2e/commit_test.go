@@ -3,11 +3,8 @@ package e2e
 import (
 	"bytes"
 	"encoding/json"
-	"fmt"
 	"os"
 	"path/filepath"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -56,57 +53,12 @@ func TestCommitUnderLoad(t *testing.T) {
 	d.must("block-export-add", map[string]any{"type": "nbd", "id": "e0", "node-name": "top", "name": "disk", "writable": true})
 	evs := d.subscribe()
 
-	var stop atomic.Bool
-	var wg sync.WaitGroup
-	var mu sync.Mutex // protects model
-	errs := make(chan error, 4)
-	var clients []*harness.NBD
-	for w := 0; w < 4; w++ {
-		cw, err := harness.DialNBD("unix", sock, "disk")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer cw.Close()
-		clients = append(clients, cw)
-		wg.Add(1)
-		go func(w int, cw *harness.NBD) {
-			defer wg.Done()
-			// Client w writes 4 to 32 KiB pieces into every fourth
-			// 64 KiB cluster, across the image, and reads each back.
-			for i := 0; !stop.Load(); i++ {
-				n := int64(4096 << (i % 4))
-				off := (int64((i*7+w*13)%64)*4+int64(w))<<16 + (int64(i)*4096)%(1<<16-n+4096)&^4095
-				buf := bytes.Repeat([]byte{byte(0x40 + w*16 + i%16)}, int(n))
-				if err := cw.WriteAt(buf, uint64(off), i%9 == 0); err != nil {
-					errs <- fmt.Errorf("client %d write %d+%d: %v", w, off, n, err)
-					return
-				}
-				mu.Lock()
-				copy(model[off:], buf)
-				mu.Unlock()
-				got := make([]byte, n)
-				if err := cw.ReadAt(got, uint64(off)); err != nil {
-					errs <- fmt.Errorf("client %d read %d+%d: %v", w, off, n, err)
-					return
-				}
-				if !bytes.Equal(got, buf) {
-					errs <- fmt.Errorf("client %d read %d+%d back wrong", w, off, n)
-					return
-				}
-			}
-		}(w, cw)
-	}
+	stopLoad := loadClients(t, sock, model, 0)
 	time.Sleep(100 * time.Millisecond)
 	// 8 MiB/s: the copy of the 8 MiB mid holds takes about a second.
 	d.must("block-commit", map[string]any{"job-id": "c", "device": "top", "top-node": "mid", "base-node": "base", "speed": 8 << 20})
 	completed := waitCompleted(t, evs)
-	stop.Store(true)
-	wg.Wait()
-	for _, cw := range clients {
-		cw.Close()
-	}
-	close(errs)
-	for err := range errs {
+	for _, err := range stopLoad() {
 		t.Error(err)
 	}
 	if e, ok := completed["error"]; ok || completed["offset"] != float64(size) || completed["len"] != float64(size) {

@@ -6,13 +6,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"blockd/internal/testutil"
-	"blockd/tests/harness"
 )
 
 // TestCommitIntoReadOnlyBase is the lifecycle case: an exported disk is
@@ -44,44 +41,7 @@ func TestCommitIntoReadOnlyBase(t *testing.T) {
 	d.must("block-export-add", map[string]any{"type": "nbd", "id": "e0", "node-name": "base", "name": "disk", "writable": true})
 	evs := d.subscribe()
 
-	var stop atomic.Bool
-	var wg sync.WaitGroup
-	var mu sync.Mutex // protects model
-	errs := make(chan error, 4)
-	var clients []*harness.NBD
-	for w := 0; w < 4; w++ {
-		cw, err := harness.DialNBD("unix", sock, "disk")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer cw.Close()
-		clients = append(clients, cw)
-		wg.Add(1)
-		go func(w int, cw *harness.NBD) {
-			defer wg.Done()
-			for i := 0; !stop.Load(); i++ {
-				n := int64(4096 << (i % 4))
-				off := (int64((i*7+w*13)%64)*4+int64(w))<<16 + (int64(i)*4096)%(1<<16-n+4096)&^4095
-				buf := bytes.Repeat([]byte{byte(0x40 + w*16 + i%16)}, int(n))
-				if err := cw.WriteAt(buf, uint64(off), i%9 == 0); err != nil {
-					errs <- fmt.Errorf("client %d write %d+%d: %v", w, off, n, err)
-					return
-				}
-				mu.Lock()
-				copy(model[off:], buf)
-				mu.Unlock()
-				got := make([]byte, n)
-				if err := cw.ReadAt(got, uint64(off)); err != nil {
-					errs <- fmt.Errorf("client %d read %d+%d: %v", w, off, n, err)
-					return
-				}
-				if !bytes.Equal(got, buf) {
-					errs <- fmt.Errorf("client %d read %d+%d back wrong", w, off, n)
-					return
-				}
-			}
-		}(w, cw)
-	}
+	stopLoad := loadClients(t, sock, model, 0)
 	time.Sleep(100 * time.Millisecond)
 	d.must("blockdev-add", map[string]any{"driver": "qcow2", "node-name": "mid", "file": map[string]any{"driver": "file", "filename": mid}, "backing": nil})
 	d.must("blockdev-snapshot", map[string]any{"node": "base", "overlay": "mid"})
@@ -99,13 +59,7 @@ func TestCommitIntoReadOnlyBase(t *testing.T) {
 	if ro := nodeRO(t, d); !ro["base"] {
 		t.Errorf("base writable after the commit: %v", ro)
 	}
-	stop.Store(true)
-	wg.Wait()
-	for _, cw := range clients {
-		cw.Close()
-	}
-	close(errs)
-	for err := range errs {
+	for _, err := range stopLoad() {
 		t.Error(err)
 	}
 	if e, ok := completed["error"]; ok || completed["len"] != float64(size) {
