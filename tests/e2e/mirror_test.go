@@ -296,7 +296,7 @@ func TestMirrorInFlight(t *testing.T) {
 	for _, c := range []struct {
 		bufSize  int64
 		min, max time.Duration
-	}{{0, 0, 1600 * time.Millisecond}, {1 << 20, 3200 * time.Millisecond, time.Hour}} {
+	}{{0, 0, 2400 * time.Millisecond}, {1 << 20, 3200 * time.Millisecond, time.Hour}} {
 		d.must("blockdev-add", map[string]any{"driver": "null-co", "node-name": "tgt", "size": size, "latency-ns": int64(100 * time.Millisecond)})
 		args := map[string]any{"job-id": "m", "device": "src", "target": "tgt", "sync": "full"}
 		if c.bufSize > 0 {
