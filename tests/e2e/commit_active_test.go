@@ -4,9 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"os"
 	"path/filepath"
-	"syscall"
 	"testing"
 	"time"
 
@@ -100,11 +98,7 @@ func TestCommitActiveUnderLoad(t *testing.T) {
 	for _, img := range []string{base, mid, top} {
 		testutil.Run(t, "qemu-img", "check", "-q", img)
 	}
-	want := filepath.Join(d.dir, "model.raw")
-	if err := os.WriteFile(want, model, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	testutil.Run(t, "qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", want, base)
+	compareModel(t, d.dir, model, base)
 }
 
 // TestCommitActiveSIGKILL kills blockd in the middle of an active commit:
@@ -123,27 +117,7 @@ func TestCommitActiveSIGKILL(t *testing.T) {
 	copy(model[10<<20:], bytes.Repeat([]byte{0x33}, 16<<20))
 	d.must("blockdev-add", map[string]any{"driver": "qcow2", "node-name": "top", "file": map[string]any{"driver": "file", "filename": top}})
 	d.must("block-commit", map[string]any{"job-id": "c", "device": "top", "speed": 8 << 20})
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		var jobs []struct {
-			Offset int64 `json:"offset"`
-		}
-		if err := json.Unmarshal(d.must("query-block-jobs", nil), &jobs); err != nil {
-			t.Fatal(err)
-		}
-		if len(jobs) != 1 {
-			t.Fatalf("query-block-jobs: %v", jobs)
-		}
-		if jobs[0].Offset >= 8<<20 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the commit does not progress")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	d.cmd.Process.Signal(syscall.SIGKILL)
-	d.cmd.Wait()
+	killAtOffset(t, d, 8<<20)
 
 	for _, img := range []string{base, mid, top} {
 		testutil.Run(t, "qemu-img", "check", "-q", img)
@@ -151,9 +125,5 @@ func TestCommitActiveSIGKILL(t *testing.T) {
 	if b, _ := backingOf(t, top); b != mid {
 		t.Errorf("the top no longer names mid: %s", b)
 	}
-	want := filepath.Join(d.dir, "model.raw")
-	if err := os.WriteFile(want, model, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	testutil.Run(t, "qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", want, top)
+	compareModel(t, d.dir, model, top)
 }

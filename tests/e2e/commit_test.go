@@ -5,12 +5,10 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
-	"syscall"
 	"testing"
 	"time"
 
 	"blockd/internal/testutil"
-	"blockd/tests/harness"
 )
 
 // addCommitChain adds the chain of streamChain as named, writable nodes
@@ -67,17 +65,7 @@ func TestCommitUnderLoad(t *testing.T) {
 	if t.Failed() {
 		return
 	}
-	c, err := harness.DialNBD("unix", sock, "disk")
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := make([]byte, size)
-	for off := 0; off < size; off += 1 << 20 {
-		if err := c.ReadAt(got[off:off+1<<20], uint64(off)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	c.Close()
+	got := readExport(t, sock, size)
 	if !bytes.Equal(got, model) {
 		t.Fatal("the export does not read what the chain and its clients hold")
 	}
@@ -123,11 +111,7 @@ func TestCommitBackingFile(t *testing.T) {
 		t.Errorf("top's backing file after the commit: %q (%q), want base.qcow2 (qcow2)", b, f)
 	}
 	os.Remove(mid)
-	want := filepath.Join(d.dir, "model.raw")
-	if err := os.WriteFile(want, model, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	testutil.Run(t, "qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", want, top)
+	compareModel(t, d.dir, model, top)
 }
 
 // TestCommitSIGKILL kills blockd in the middle of a commit: both images
@@ -142,36 +126,12 @@ func TestCommitSIGKILL(t *testing.T) {
 	base, mid, top, model := streamChain(t, d.dir, size)
 	addCommitChain(d, base, mid, top)
 	d.must("block-commit", map[string]any{"job-id": "c", "device": "top", "top-node": "mid", "base-node": "base", "speed": 8 << 20})
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		var jobs []struct {
-			Offset int64 `json:"offset"`
-		}
-		if err := json.Unmarshal(d.must("query-block-jobs", nil), &jobs); err != nil {
-			t.Fatal(err)
-		}
-		if len(jobs) != 1 {
-			t.Fatalf("query-block-jobs: %v", jobs)
-		}
-		if jobs[0].Offset >= size/2 { // half of mid's data is in base
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the commit does not progress")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	d.cmd.Process.Signal(syscall.SIGKILL)
-	d.cmd.Wait()
+	killAtOffset(t, d, size/2) // half of mid's data is in base
 
 	testutil.Run(t, "qemu-img", "check", "-q", top)
 	testutil.Run(t, "qemu-img", "check", "-q", base)
 	if b, _ := backingOf(t, top); b != mid {
 		t.Errorf("the header no longer names the intermediate image: %s", b)
 	}
-	want := filepath.Join(d.dir, "model.raw")
-	if err := os.WriteFile(want, model, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	testutil.Run(t, "qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", want, top)
+	compareModel(t, d.dir, model, top)
 }

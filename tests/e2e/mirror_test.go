@@ -110,23 +110,6 @@ func waitEvent(t *testing.T, evs <-chan qmp.Event, name, id string) map[string]a
 	}
 }
 
-// readExport reads the whole export.
-func readExport(t *testing.T, sock string, size int) []byte {
-	t.Helper()
-	c, err := harness.DialNBD("unix", sock, "disk")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	got := make([]byte, size)
-	for off := 0; off < size; off += 1 << 20 {
-		if err := c.ReadAt(got[off:off+1<<20], uint64(off)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return got
-}
-
 // mirrorUnderLoad mirrors the exported qcow2 disk src to the node target
 // while four NBD clients write and read back through the export, waits
 // for READY, lets the clients go on, completes the job under load and
@@ -190,11 +173,7 @@ func TestMirrorUnderLoad(t *testing.T) {
 	d.stop()
 	testutil.Run(t, "qemu-img", "check", "-q", src)
 	testutil.Run(t, "qemu-img", "check", "-q", tgt)
-	want := filepath.Join(d.dir, "model.raw")
-	if err := os.WriteFile(want, model, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	testutil.Run(t, "qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", want, tgt)
+	compareModel(t, d.dir, model, tgt)
 }
 
 // TestMirrorToNBD is the migration case: the target is an nbd node over a
@@ -231,11 +210,7 @@ func TestMirrorToNBD(t *testing.T) {
 	qn.Process.Signal(syscall.SIGTERM)
 	qn.Wait()
 	testutil.Run(t, "qemu-img", "check", "-q", tgt)
-	want := filepath.Join(d.dir, "model.raw")
-	if err := os.WriteFile(want, model, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	testutil.Run(t, "qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", want, tgt)
+	compareModel(t, d.dir, model, tgt)
 }
 
 // TestMirrorSIGKILL kills blockd in the middle of a mirror: the source
@@ -249,33 +224,9 @@ func TestMirrorSIGKILL(t *testing.T) {
 	d.must("blockdev-add", map[string]any{"driver": "qcow2", "node-name": "src", "file": map[string]any{"driver": "file", "filename": src}})
 	d.must("blockdev-add", map[string]any{"driver": "qcow2", "node-name": "tgt", "file": map[string]any{"driver": "file", "filename": tgt}})
 	d.must("blockdev-mirror", map[string]any{"job-id": "m", "device": "src", "target": "tgt", "sync": "full", "speed": 8 << 20})
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		var jobs []struct {
-			Offset int64 `json:"offset"`
-		}
-		if err := json.Unmarshal(d.must("query-block-jobs", nil), &jobs); err != nil {
-			t.Fatal(err)
-		}
-		if len(jobs) != 1 {
-			t.Fatalf("query-block-jobs: %v", jobs)
-		}
-		if jobs[0].Offset >= size/4 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the mirror does not progress")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	d.cmd.Process.Signal(syscall.SIGKILL)
-	d.cmd.Wait()
+	killAtOffset(t, d, size/4)
 	testutil.Run(t, "qemu-img", "check", "-q", src)
-	want := filepath.Join(d.dir, "model.raw")
-	if err := os.WriteFile(want, model, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	testutil.Run(t, "qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", want, src)
+	compareModel(t, d.dir, model, src)
 }
 
 // TestMirrorInFlight mirrors 32 MiB of data into a null-co target that

@@ -7,14 +7,12 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/digitalocean/go-qemu/qmp"
 
 	"blockd/internal/testutil"
-	"blockd/tests/harness"
 )
 
 // streamChain makes base ← mid ← top, qcow2 images of size bytes: base
@@ -86,17 +84,7 @@ func TestStreamUnderLoad(t *testing.T) {
 	if t.Failed() {
 		return
 	}
-	c, err := harness.DialNBD("unix", sock, "disk")
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := make([]byte, size)
-	for off := 0; off < size; off += 1 << 20 {
-		if err := c.ReadAt(got[off:off+1<<20], uint64(off)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	c.Close()
+	got := readExport(t, sock, size)
 	if !bytes.Equal(got, model) {
 		t.Fatal("the export does not read what the chain and its clients hold")
 	}
@@ -123,17 +111,13 @@ func TestStreamUnderLoad(t *testing.T) {
 	if ii.Backing != base || ii.Format != "qcow2" {
 		t.Errorf("top's backing file after the stream: %q (%q), want %q (qcow2)", ii.Backing, ii.Format, base)
 	}
-	want := filepath.Join(d.dir, "model.raw")
-	if err := os.WriteFile(want, model, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	testutil.Run(t, "qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", want, top)
+	compareModel(t, d.dir, model, top)
 	// Without the mid image the top still reads the same: it holds all
 	// that mid held.
 	if err := os.Remove(filepath.Join(d.dir, "mid.qcow2")); err != nil {
 		t.Fatal(err)
 	}
-	testutil.Run(t, "qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", want, top)
+	compareModel(t, d.dir, model, top)
 }
 
 // TestStreamWholeChain streams a whole chain into its top (no base): the
@@ -161,11 +145,7 @@ func TestStreamWholeChain(t *testing.T) {
 	}
 	os.Remove(filepath.Join(d.dir, "mid.qcow2"))
 	os.Remove(filepath.Join(d.dir, "base.qcow2"))
-	want := filepath.Join(d.dir, "model.raw")
-	if err := os.WriteFile(want, model, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	testutil.Run(t, "qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", want, top)
+	compareModel(t, d.dir, model, top)
 }
 
 // TestStreamSIGKILL kills blockd in the middle of a stream: the top is
@@ -179,36 +159,12 @@ func TestStreamSIGKILL(t *testing.T) {
 	_, mid, top, model := streamChain(t, d.dir, size)
 	d.must("blockdev-add", map[string]any{"driver": "qcow2", "node-name": "top", "file": map[string]any{"driver": "file", "filename": top}})
 	d.must("block-stream", map[string]any{"job-id": "s", "device": "top", "speed": 8 << 20})
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		var jobs []struct {
-			Offset int64 `json:"offset"`
-		}
-		if err := json.Unmarshal(d.must("query-block-jobs", nil), &jobs); err != nil {
-			t.Fatal(err)
-		}
-		if len(jobs) != 1 {
-			t.Fatalf("query-block-jobs: %v", jobs)
-		}
-		if jobs[0].Offset >= size/4 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the stream does not progress")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	d.cmd.Process.Signal(syscall.SIGKILL)
-	d.cmd.Wait()
+	killAtOffset(t, d, size/4)
 
 	testutil.Run(t, "qemu-img", "check", "-q", top)
 	info := testutil.Run(t, "qemu-img", "info", "--output=json", top)
 	if !strings.Contains(info, mid) {
 		t.Errorf("the header no longer names the intermediate image: %s", info)
 	}
-	want := filepath.Join(d.dir, "model.raw")
-	if err := os.WriteFile(want, model, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	testutil.Run(t, "qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", want, top)
+	compareModel(t, d.dir, model, top)
 }
